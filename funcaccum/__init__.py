@@ -1,0 +1,67 @@
+"""funcaccum: exact, functional gradient accumulation on torch.func.
+
+A loss is a pure function ``loss_fn(params, batch)``; :func:`accumulate` splits
+the batch into microbatches, takes each one's gradient with
+:func:`torch.func.grad`, and folds them with an explicit reducer
+(:func:`mean`, :func:`clipped_mean`) into the exact large-batch gradient.
+"""
+
+from ._accumulate import (
+    Accumulated,
+    FoldState,
+    MicrobatchGrads,
+    accumulate,
+    finalize,
+    fold,
+    merge,
+    microbatch_grads,
+)
+from ._clipped_mean import ClippedMeanState, clipped_mean
+from ._errors import FuncaccumError
+from ._functional import functional_model
+from ._mean import MeanState, mean
+from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
+from ._reducer import Maximum, Reducer, Tracker
+from ._tree import (
+    tree_add,
+    tree_cast,
+    tree_global_norm,
+    tree_scale,
+    tree_select,
+    tree_vdot,
+    tree_weighted_sum,
+    tree_zeros_like,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Accumulated",
+    "ClippedMeanState",
+    "FoldState",
+    "FuncaccumError",
+    "Maximum",
+    "MeanState",
+    "MicrobatchGrads",
+    "MicrobatchGroup",
+    "Reducer",
+    "Tracker",
+    "accumulate",
+    "clipped_mean",
+    "finalize",
+    "fold",
+    "functional_model",
+    "mean",
+    "merge",
+    "microbatch_grads",
+    "plan_microbatches",
+    "split_microbatches",
+    "tree_add",
+    "tree_cast",
+    "tree_global_norm",
+    "tree_scale",
+    "tree_select",
+    "tree_vdot",
+    "tree_weighted_sum",
+    "tree_zeros_like",
+]

@@ -1,0 +1,120 @@
+"""The clipped mean reducer: clip each microbatch gradient, then average."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from ._errors import FuncaccumError
+from ._reducer import Maximum, Reducer, accumulator_like, as_units, merge_states, scalar_zeros
+from ._tree import PyTree, accum_dtype, tree_add, tree_scale, tree_weighted_sum
+
+__all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
+
+
+class ClippedMeanState(NamedTuple):
+    """State of :func:`clipped_mean`: sums, and one running maximum."""
+
+    clipped_sum: PyTree  # sum_i w_i c_i g_i, c_i = min(1, max_norm / |g_i|)
+    weight_sum: torch.Tensor  # sum_i w_i
+    unit_count: torch.Tensor  # microbatches with w_i != 0
+    clipped_count: torch.Tensor  # of those, how many had |g_i| > max_norm
+    norm_sum: torch.Tensor  # sum of |g_i| before clipping
+    clipped_norm_sum: torch.Tensor  # sum of |c_i g_i|
+    norm_max: Maximum  # max of |g_i| before clipping
+
+
+def unit_norms(grads: PyTree, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Global L2 norm of each stacked unit: leaves ``(c, ...)`` give a ``(c,)`` tensor."""
+    squares = [
+        torch.sum(torch.square(g.reshape(g.shape[0], -1).to(accum_dtype(g.dtype, dtype))), dim=1)
+        for g in optree.tree_leaves(grads)
+    ]
+    return torch.sqrt(sum(squares[1:], squares[0]))
+
+
+def clipped_mean(
+    max_norm: float, *, denominator: float | None = None, accum_dtype: torch.dtype | None = None
+) -> Reducer:
+    """Clip each microbatch gradient to global L2 norm ``max_norm``, then take the weighted mean.
+
+    Microbatch ``i`` contributes ``w_i * min(1, max_norm / |g_i|) * g_i``: the
+    clip acts on each microbatch's own gradient, before accumulation, which is
+    what per-example clipping (DP-SGD, Abadi et al. 2016, "Deep Learning with
+    Differential Privacy") and robust averaging need. To clip the accumulated
+    gradient instead, reduce with :func:`mean` and put
+    :func:`funcaccum.optim.clip_by_global_norm` in the update rule. With a
+    ``max_norm`` no gradient reaches, this equals :func:`mean`.
+
+    A microbatch whose norm is Inf or NaN makes the result NaN (it is never
+    silently clipped to zero), so a non-finite guard sees it.
+
+    Args:
+        max_norm: the clipping threshold, > 0.
+        denominator: divide by this fixed number instead of the summed weight
+            (DP-SGD divides by the expected batch size).
+        accum_dtype: the dtype of the sums; default at least float32.
+
+    Returns:
+        A :class:`Reducer`; ``finalize`` gives ``(grads, stats)`` with stats
+        ``clip_fraction`` (of microbatches with nonzero weight), ``norm_mean``
+        and ``norm_max`` (before clipping) and ``clipped_norm_mean`` (after).
+
+    Example:
+        >>> reducer = clipped_mean(max_norm=1.0)
+        >>> params = {"w": torch.zeros(2)}
+        >>> grads = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # (units, d); norms 5 and 0.5
+        >>> state = reducer.fold(reducer.init(params), grads, torch.tensor([1.0, 1.0]))
+        >>> clipped, stats = reducer.finalize(state)
+        >>> clipped["w"]                                            # mean of [.6, .8] and [.3, .4]
+        tensor([0.4500, 0.6000])
+        >>> stats["clip_fraction"].item(), stats["norm_max"].item()
+        (0.5, 5.0)
+    """
+    if not max_norm > 0:
+        raise FuncaccumError(f"max_norm must be > 0, got {max_norm!r}")
+    override = accum_dtype
+
+    def init(params: PyTree) -> ClippedMeanState:
+        zeros = scalar_zeros(params, 6, override)
+        return ClippedMeanState(accumulator_like(params, override), *zeros[:5], Maximum(zeros[5]))
+
+    def fold(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
+        grads, weight = as_units(grads, weight)
+        weight = weight.to(state.weight_sum.dtype)
+        norms = unit_norms(grads, dtype=override).to(weight.dtype)
+        # A non-finite norm gives a NaN factor, so it poisons the sum instead of vanishing.
+        factor = torch.where(
+            torch.isfinite(norms), torch.clamp(max_norm / norms, max=1.0), torch.nan
+        )
+        active = weight != 0
+        zero = torch.zeros_like(norms)
+        return ClippedMeanState(
+            clipped_sum=tree_add(
+                state.clipped_sum,
+                tree_weighted_sum(grads, torch.where(active, weight * factor, 0), dtype=override),
+            ),
+            weight_sum=state.weight_sum + weight.sum(),
+            unit_count=state.unit_count + active.sum(),
+            clipped_count=state.clipped_count + (active & (norms > max_norm)).sum(),
+            norm_sum=state.norm_sum + torch.where(active, norms, zero).sum(),
+            clipped_norm_sum=state.clipped_norm_sum
+            + torch.where(active, torch.clamp(norms, max=max_norm), zero).sum(),
+            norm_max=Maximum(
+                torch.maximum(state.norm_max.value, torch.where(active, norms, zero).max())
+            ),
+        )
+
+    def finalize(state: ClippedMeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+        divisor = state.weight_sum if denominator is None else denominator
+        units = state.unit_count
+        return tree_scale(state.clipped_sum, 1 / divisor), {
+            "clip_fraction": state.clipped_count / units,
+            "norm_mean": state.norm_sum / units,
+            "norm_max": state.norm_max.value,
+            "clipped_norm_mean": state.clipped_norm_sum / units,
+        }
+
+    return Reducer(init, fold, merge_states, finalize)

@@ -1,0 +1,11 @@
+"""The one error class funcaccum raises for bad input."""
+
+__all__ = ["FuncaccumError"]
+
+
+class FuncaccumError(ValueError):
+    """Bad input to a funcaccum function, or a training run that cannot go on.
+
+    The message names what was wrong (the pytree path, the shapes) and what was
+    expected. It subclasses :class:`ValueError`, so ``except ValueError`` catches it.
+    """

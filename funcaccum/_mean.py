@@ -1,0 +1,65 @@
+"""The exact weighted mean reducer."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._reducer import Reducer, accumulator_like, as_units, merge_states, scalar_zeros
+from ._tree import PyTree, tree_add, tree_scale, tree_weighted_sum
+
+__all__ = ["MeanState", "mean"]
+
+
+class MeanState(NamedTuple):
+    """State of :func:`mean`: sums only."""
+
+    grad_sum: PyTree  # sum_i w_i g_i, in the accumulation dtype
+    weight_sum: torch.Tensor  # sum_i w_i
+
+
+def mean(*, denominator: float | None = None, accum_dtype: torch.dtype | None = None) -> Reducer:
+    """The weighted mean of microbatch gradients: the full-batch gradient, exactly.
+
+    Microbatch ``i`` with mean loss ``L_i`` over weight ``w_i`` (examples, or
+    valid tokens) contributes ``w_i * grad L_i``; :attr:`Reducer.finalize`
+    divides the sum once, by ``sum_i w_i``, so the result is the gradient of the
+    full batch's weighted mean loss however the batch was split. This is the
+    fix for dividing each microbatch loss by the number of microbatches, which
+    is wrong as soon as microbatches differ in size or token count.
+
+    Args:
+        denominator: divide by this fixed number instead of the summed weight
+            (for a loss defined as a sum over a nominal batch size).
+        accum_dtype: the dtype of the sums; default at least float32, so bf16
+            and fp16 gradients are summed in float32.
+
+    Returns:
+        A :class:`Reducer` whose ``finalize`` gives ``(grads, {})``.
+
+    Example:
+        >>> reducer = mean()
+        >>> params = {"w": torch.zeros(2)}
+        >>> state = reducer.init(params)
+        >>> state = reducer.fold(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(3.0))
+        >>> state = reducer.fold(state, {"w": torch.tensor([0.0, 1.0])}, torch.tensor(1.0))
+        >>> reducer.finalize(state)[0]
+        {'w': tensor([0.7500, 0.2500])}
+    """
+    override = accum_dtype
+
+    def init(params: PyTree) -> MeanState:
+        return MeanState(accumulator_like(params, override), *scalar_zeros(params, 1, override))
+
+    def fold(state: MeanState, grads: PyTree, weight: torch.Tensor) -> MeanState:
+        grads, weight = as_units(grads, weight)
+        weight = weight.to(state.weight_sum.dtype)
+        total = tree_weighted_sum(grads, weight, dtype=override)
+        return MeanState(tree_add(state.grad_sum, total), state.weight_sum + weight.sum())
+
+    def finalize(state: MeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+        divisor = state.weight_sum if denominator is None else denominator
+        return tree_scale(state.grad_sum, 1 / divisor), {}
+
+    return Reducer(init, fold, merge_states, finalize)

@@ -1,0 +1,119 @@
+"""The reducer protocol: streaming folds of per-microbatch gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from ._tree import PyTree, accum_dtype
+
+__all__ = [
+    "Maximum",
+    "Reducer",
+    "Tracker",
+    "accumulator_like",
+    "as_units",
+    "merge_states",
+    "scalar_zeros",
+    "weight_dtype",
+]
+
+Stats = dict[str, torch.Tensor]
+
+
+class Tracker(NamedTuple):
+    """Statistics a reducer carries from one optimizer step to the next.
+
+    Attributes:
+        init: ``init(params) -> carry``.
+        update: ``update(carry, stats) -> (carry, stats)``, called once per
+            optimizer step with the stats of :attr:`Reducer.finalize`.
+    """
+
+    init: Callable[[PyTree], Any]
+    update: Callable[[Any, Stats], tuple[Any, Stats]]
+
+
+class Reducer(NamedTuple):
+    """How per-microbatch gradients fold into one gradient.
+
+    A reducer is four pure functions over a state pytree of tensors::
+
+        state = init(params)
+        state = fold(state, grads, weight)   # once per microbatch, or per stacked chunk
+        state = merge(state_a, state_b)      # partial states: chunks, processes
+        grads, stats = finalize(state)       # divide once, at the end
+
+    ``weight`` is 0-d for one microbatch, or shaped ``(c,)`` for a chunk whose
+    gradient leaves are stacked ``(c, ...)``. Every state field is a sum (or a
+    :class:`Maximum`), so ``merge`` is a tree add and partial states combine in
+    any order, across chunks or across processes with one all-reduce.
+
+    Attributes:
+        init: ``init(params) -> state``.
+        fold: ``fold(state, grads, weight) -> state``.
+        merge: ``merge(a, b) -> state``.
+        finalize: ``finalize(state) -> (grads, stats)``.
+        track: statistics kept across optimizer steps, or None.
+    """
+
+    init: Callable[[PyTree], Any]
+    fold: Callable[[Any, PyTree, torch.Tensor], Any]
+    merge: Callable[[Any, Any], Any]
+    finalize: Callable[[Any], tuple[PyTree, Stats]]
+    track: Tracker | None = None
+
+
+class Maximum(NamedTuple):
+    """A state field that merges by maximum rather than by sum."""
+
+    value: torch.Tensor
+
+
+def merge_states(a: Any, b: Any) -> Any:
+    """Merge two reducer states: leaves add, :class:`Maximum` fields take the larger."""
+
+    def merge(x: Any, y: Any) -> Any:
+        if isinstance(x, Maximum):
+            return Maximum(torch.maximum(x.value, y.value))
+        return x + y
+
+    return optree.tree_map(merge, a, b, is_leaf=lambda x: isinstance(x, Maximum))
+
+
+def weight_dtype(params: PyTree, override: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of summed weights and scalar statistics: the widest accumulation dtype."""
+    dtype = accum_dtype(torch.float32, override)
+    for leaf in optree.tree_leaves(params):
+        dtype = torch.promote_types(dtype, accum_dtype(leaf.dtype, override))
+    return dtype
+
+
+def scalar_zeros(
+    params: PyTree, count: int, override: torch.dtype | None = None
+) -> list[torch.Tensor]:
+    """``count`` distinct 0-d zeros on the params' device, in :func:`weight_dtype`.
+
+    Distinct tensors, so no state field aliases another (``scan`` refuses aliased carries).
+    """
+    leaves = optree.tree_leaves(params)
+    device = leaves[0].device if leaves else None
+    dtype = weight_dtype(params, override)
+    return [torch.zeros((), dtype=dtype, device=device) for _ in range(count)]
+
+
+def accumulator_like(params: PyTree, override: torch.dtype | None = None) -> PyTree:
+    """Zeros shaped like ``params``, each in its accumulation dtype (at least float32)."""
+    return optree.tree_map(
+        lambda x: torch.zeros_like(x, dtype=accum_dtype(x.dtype, override)), params
+    )
+
+
+def as_units(grads: PyTree, weight: torch.Tensor) -> tuple[PyTree, torch.Tensor]:
+    """One microbatch (0-d weight) as a chunk of one, so reducers have one code path."""
+    if weight.ndim == 0:
+        return optree.tree_map(lambda g: g.unsqueeze(0), grads), weight.unsqueeze(0)
+    return grads, weight

@@ -1,0 +1,149 @@
+"""Pytree arithmetic on optree.
+
+A pytree here is any nesting of dicts, lists, tuples and NamedTuples whose leaves
+are tensors. **None policy:** ``None`` marks an absent leaf. It is kept in place
+and never passed to a function (optree's default, ``none_is_leaf=False``), so a
+frozen parameter's ``None`` gradient stays ``None`` through every operation.
+Trees combined in one call must have the same structure, ``None`` in the same
+places; a mismatch raises optree's ``ValueError`` naming both structures.
+
+Reductions (:func:`tree_global_norm`, :func:`tree_vdot`,
+:func:`tree_weighted_sum`) compute in at least float32, so bf16 and fp16 trees
+do not lose the sum to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optree
+import torch
+
+__all__ = [
+    "PyTree",
+    "accum_dtype",
+    "leaf_paths",
+    "tree_add",
+    "tree_cast",
+    "tree_global_norm",
+    "tree_scale",
+    "tree_select",
+    "tree_vdot",
+    "tree_weighted_sum",
+    "tree_zeros_like",
+]
+
+PyTree = Any
+
+
+def accum_dtype(dtype: torch.dtype, override: torch.dtype | None = None) -> torch.dtype:
+    """The dtype sums of ``dtype`` values are kept in: ``override``, else at least float32."""
+    return override if override is not None else torch.promote_types(dtype, torch.float32)
+
+
+def tree_add(*trees: PyTree) -> PyTree:
+    """Leafwise sum of one or more trees of the same structure.
+
+    >>> tree_add({"w": torch.ones(2)}, {"w": torch.ones(2)})
+    {'w': tensor([2., 2.])}
+    """
+    return optree.tree_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+
+
+def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
+    """Every leaf multiplied by ``factor`` (a number or a 0-d tensor).
+
+    >>> tree_scale([torch.ones(2), None], 0.5)
+    [tensor([0.5000, 0.5000]), None]
+    """
+    return optree.tree_map(lambda x: x * factor, tree)
+
+
+def tree_zeros_like(tree: PyTree, *, dtype: torch.dtype | None = None) -> PyTree:
+    """Fresh zero tensors shaped like the leaves; ``dtype`` overrides each leaf's dtype.
+
+    >>> tree_zeros_like({"w": torch.ones(2, dtype=torch.bfloat16)}, dtype=torch.float32)
+    {'w': tensor([0., 0.])}
+    """
+    return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
+
+
+def tree_cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
+    """Floating leaves cast to ``dtype``; other leaves (all, if ``dtype`` is None) unchanged."""
+    if dtype is None:
+        return tree
+    return optree.tree_map(lambda x: x.to(dtype) if x.is_floating_point() else x, tree)
+
+
+def _sum_over_leaves(values: list[torch.Tensor]) -> torch.Tensor:
+    return sum(values[1:], values[0]) if values else torch.zeros(())
+
+
+def tree_vdot(a: PyTree, b: PyTree) -> torch.Tensor:
+    """Sum over all leaves of the elementwise products, a 0-d tensor in at least float32.
+
+    >>> tree_vdot({"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])})
+    tensor(11.)
+    """
+    products = optree.tree_map(
+        lambda x, y: torch.sum(x.to(accum_dtype(x.dtype)) * y.to(accum_dtype(y.dtype))), a, b
+    )
+    return _sum_over_leaves(optree.tree_leaves(products))
+
+
+def tree_global_norm(tree: PyTree) -> torch.Tensor:
+    """Global L2 norm: the norm of all leaves concatenated, a 0-d tensor in at least float32.
+
+    >>> tree_global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+    tensor(5.)
+    """
+    return torch.sqrt(tree_vdot(tree, tree))
+
+
+def tree_weighted_sum(
+    tree: PyTree, weights: torch.Tensor, *, dtype: torch.dtype | None = None
+) -> PyTree:
+    """``sum_i weights[i] * leaf[i]`` over the leading axis of every leaf.
+
+    Sums in ``dtype`` (default: at least float32). An entry whose weight is zero
+    contributes an exact zero even when its values are NaN or Inf, so padded or
+    masked entries can never leak into the sum.
+
+    Args:
+        tree: leaves shaped ``(k, ...)``.
+        weights: shape ``(k,)``.
+        dtype: the summation dtype.
+
+    Returns:
+        A tree of leaves shaped ``(...)``.
+
+    >>> g = {"w": torch.tensor([[1.0, 1.0], [float("nan"), 2.0]])}
+    >>> tree_weighted_sum(g, torch.tensor([2.0, 0.0]))
+    {'w': tensor([2., 2.])}
+    """
+    keep = weights != 0
+
+    def weighted(x: torch.Tensor) -> torch.Tensor:
+        acc = accum_dtype(x.dtype, dtype)
+        mask = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
+        return torch.tensordot(weights.to(acc), torch.where(mask, x.to(acc), 0), dims=1)
+
+    return optree.tree_map(weighted, tree)
+
+
+def tree_select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
+    """Leafwise ``torch.where(pred, on_true, on_false)`` for a boolean 0-d ``pred``.
+
+    The result is bit-identical to the chosen tree, so a rejected update leaves
+    state exactly as it was.
+
+    >>> tree_select(torch.tensor(False), [torch.ones(1)], [torch.zeros(1)])
+    [tensor([0.])]
+    """
+    return optree.tree_map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
+
+
+def leaf_paths(tree: PyTree, root: str) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` pairs, each path written as code (``batch['x'][0]``), for error messages."""
+    accessors, leaves, _ = optree.tree_flatten_with_accessor(tree, none_is_leaf=False)
+    return [(a.codify(root), leaf) for a, leaf in zip(accessors, leaves, strict=True)]

@@ -1,0 +1,87 @@
+"""Small pure models shared by the tests."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Any
+
+import pytest
+import torch
+from torch.nn import functional
+
+
+def mlp_params(
+    dtype: torch.dtype = torch.float64, sizes: tuple[int, ...] = (5, 16, 3), seed: int = 0
+) -> dict[str, Any]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        f"layer{i}": {
+            "w": torch.randn(a, b, generator=g, dtype=dtype) / a**0.5,
+            "b": torch.randn(b, generator=g, dtype=dtype) * 0.1,
+        }
+        for i, (a, b) in enumerate(pairwise(sizes))
+    }
+
+
+def mlp_apply(params: dict[str, Any], x: torch.Tensor) -> torch.Tensor:
+    layers = list(params.values())
+    for layer in layers[:-1]:
+        x = torch.tanh(x @ layer["w"] + layer["b"])
+    return x @ layers[-1]["w"] + layers[-1]["b"]
+
+
+def mlp_loss(params: dict[str, Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over the microbatch."""
+    return functional.cross_entropy(mlp_apply(params, batch["x"]), batch["y"])
+
+
+def classification_batch(
+    n: int, dtype: torch.dtype = torch.float64, d: int = 5, classes: int = 3, seed: int = 1
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(n, d, generator=g, dtype=dtype),
+        "y": torch.randint(classes, (n,), generator=g),
+    }
+
+
+def sequence_batch(
+    n: int, length: int = 7, vocab: int = 11, seed: int = 2
+) -> dict[str, torch.Tensor]:
+    """Token sequences of random lengths 1..length, right-padded, with a validity mask."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (n,), generator=g)
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    tokens = torch.randint(vocab, (n, length), generator=g) * mask
+    return {"tokens": tokens, "targets": torch.roll(tokens, -1, dims=1), "mask": mask}
+
+
+def sequence_params(
+    dtype: torch.dtype = torch.float64, vocab: int = 11, dim: int = 6
+) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "embed": torch.randn(vocab, dim, generator=g, dtype=dtype),
+        "out": torch.randn(dim, vocab, generator=g, dtype=dtype) / dim**0.5,
+    }
+
+
+def token_losses(params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits = torch.tanh(params["embed"][batch["tokens"]]) @ params["out"]
+    return functional.cross_entropy(
+        logits.flatten(0, 1), batch["targets"].flatten(), reduction="none"
+    ).view(batch["mask"].shape)
+
+
+def token_weighted_loss(
+    params: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the microbatch's valid tokens, and their count as the weight."""
+    mask = batch["mask"].to(params["out"].dtype)
+    count = mask.sum()
+    return (token_losses(params, batch) * mask).sum() / count, count
+
+
+@pytest.fixture
+def float64_mlp() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    return mlp_params(torch.float64), classification_batch(19, torch.float64)

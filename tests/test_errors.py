@@ -1,0 +1,110 @@
+"""Each bad input raises FuncaccumError naming what was wrong and what was expected."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import torch
+from conftest import classification_batch, mlp_loss, mlp_params
+
+import funcaccum as fa
+
+
+@pytest.mark.parametrize(
+    ("batch", "options", "message"),
+    [
+        (
+            {"x": torch.zeros(8, 5), "y": torch.zeros(7, dtype=torch.long)},
+            {"num_microbatches": 2},
+            "batch['x']: (8, 5), batch['y']: (7,)",
+        ),
+        ({"x": torch.zeros(8, 5), "y": 3}, {"num_microbatches": 2}, "batch['y'] is a int"),
+        (
+            {"x": torch.zeros(8, 5), "y": torch.tensor(1)},
+            {"num_microbatches": 2},
+            "batch['y'] is a 0-d tensor",
+        ),
+        (
+            {"x": torch.zeros(0, 5), "y": torch.zeros(0, dtype=torch.long)},
+            {"num_microbatches": 1},
+            "empty",
+        ),
+        ({}, {"num_microbatches": 1}, "no tensor leaves"),
+        (classification_batch(8), {"num_microbatches": 0}, "num_microbatches must be >= 1, got 0"),
+        (
+            classification_batch(8),
+            {"num_microbatches": 9},
+            "num_microbatches=9 is more than the batch's 8",
+        ),
+        (classification_batch(8), {"num_microbatches": 2.0}, "num_microbatches must be an int"),
+        (classification_batch(8), {"microbatch_size": 0}, "microbatch_size must be >= 1"),
+        (classification_batch(8), {"num_microbatches": 2, "microbatch_size": 4}, "exactly one of"),
+        (classification_batch(8), {"strategy": "loop"}, "strategy must be one of"),
+        (classification_batch(8), {"strategy": "chunked"}, "chunk_size is required"),
+        (
+            classification_batch(8),
+            {"strategy": "chunked", "chunk_size": 0},
+            "chunk_size must be an int >= 1",
+        ),
+        (classification_batch(8), {"randomness": "random"}, "randomness must be one of"),
+        (
+            classification_batch(8),
+            {"randomness": "same", "strategy": "scan"},
+            "randomness='same' needs",
+        ),
+        (classification_batch(8), {"reducer": "mean"}, "reducer must be a funcaccum Reducer"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(batch: Any, options: dict, message: str) -> None:
+    with pytest.raises(fa.FuncaccumError, match=re.escape(message)):
+        fa.accumulate(mlp_loss, mlp_params(), batch, **options)
+
+
+def test_errors_are_value_errors() -> None:
+    assert issubclass(fa.FuncaccumError, ValueError)
+
+
+def test_a_loss_that_is_not_a_scalar_is_refused() -> None:
+    def per_example(params: dict, batch: dict) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(
+            batch["x"] @ params["layer0"]["w"][:, :3], batch["y"], reduction="none"
+        )
+
+    with pytest.raises(
+        fa.FuncaccumError, match=re.escape("must return a 0-d tensor") + ".*got \\(4,\\)"
+    ):
+        fa.accumulate(per_example, mlp_params(), classification_batch(8), num_microbatches=2)
+
+
+def test_a_pair_without_a_flag_is_refused_with_a_hint() -> None:
+    def with_count(params: dict, batch: dict) -> tuple:
+        return mlp_loss(params, batch), batch["y"].shape[0]
+
+    with pytest.raises(fa.FuncaccumError, match="has_weight=True"):
+        fa.accumulate(with_count, mlp_params(), classification_batch(8), num_microbatches=2)
+    with pytest.raises(fa.FuncaccumError, match="with has_weight=True, loss_fn must return a pair"):
+        fa.accumulate(mlp_loss, mlp_params(), classification_batch(8), has_weight=True)
+
+
+def test_a_weight_that_is_not_a_scalar_is_refused() -> None:
+    def bad_weight(params: dict, batch: dict) -> tuple:
+        return mlp_loss(params, batch), torch.ones(2)
+
+    with pytest.raises(fa.FuncaccumError, match="weight loss_fn returns must be 0-d"):
+        fa.accumulate(bad_weight, mlp_params(), classification_batch(8), has_weight=True)
+
+
+def test_clipped_mean_needs_a_positive_threshold() -> None:
+    with pytest.raises(fa.FuncaccumError, match="max_norm must be > 0"):
+        fa.clipped_mean(0.0)
+
+
+def test_batch_norm_in_training_mode_is_refused() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(
+        fa.FuncaccumError, match=r"batch norm in training mode at \['1'\].*module.eval\(\)"
+    ):
+        fa.functional_model(model)
+    fa.functional_model(model.eval())

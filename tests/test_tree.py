@@ -1,0 +1,63 @@
+"""Pytree utilities and their None policy."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+import torch
+
+import funcaccum as fa
+from funcaccum.testing import assert_trees_equal
+
+
+class Pair(NamedTuple):
+    a: torch.Tensor
+    b: list
+
+
+def tree(scale: float = 1.0) -> dict:
+    return {
+        "p": Pair(torch.tensor([1.0, 2.0]) * scale, [torch.tensor(3.0) * scale, None]),
+        "q": (torch.ones(2, 2) * scale,),
+    }
+
+
+def test_add_scale_zeros_keep_structure_and_none() -> None:
+    assert_trees_equal(fa.tree_add(tree(), tree(), tree()), tree(3.0))
+    assert_trees_equal(fa.tree_scale(tree(), 2.0), tree(2.0))
+    zeros = fa.tree_zeros_like(tree(), dtype=torch.float64)
+    assert zeros["p"].b[1] is None
+    assert zeros["q"][0].dtype == torch.float64
+    assert_trees_equal(zeros, fa.tree_cast(tree(0.0), torch.float64))
+
+
+def test_mismatched_structures_are_refused() -> None:
+    with pytest.raises(ValueError, match="Expected an instance of dict"):
+        fa.tree_add(tree(), [1.0])
+
+
+def test_global_norm_and_vdot() -> None:
+    t = tree()
+    expected = (1 + 4 + 9 + 4) ** 0.5
+    assert fa.tree_global_norm(t).item() == pytest.approx(expected)
+    assert fa.tree_vdot(t, fa.tree_scale(t, 2.0)).item() == pytest.approx(2 * expected**2)
+
+
+def test_reductions_of_half_precision_trees_are_float32() -> None:
+    t = {"w": torch.full((4096,), 0.01, dtype=torch.bfloat16)}
+    norm = fa.tree_global_norm(t)
+    assert norm.dtype == torch.float32
+    assert norm.item() == pytest.approx(0.01 * 64, rel=1e-2)
+
+
+def test_weighted_sum_masks_zero_weights() -> None:
+    stacked = {"w": torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [3.0, 4.0]])}
+    total = fa.tree_weighted_sum(stacked, torch.tensor([2.0, 0.0, 0.5]))
+    assert_trees_equal(total, {"w": torch.tensor([3.5, 6.0])})
+
+
+def test_select_is_bit_exact() -> None:
+    on_true, on_false = tree(), tree(7.0)
+    assert_trees_equal(fa.tree_select(torch.tensor(True), on_true, on_false), on_true)
+    assert_trees_equal(fa.tree_select(torch.tensor(False), on_true, on_false), on_false)
