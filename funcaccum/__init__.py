@@ -3,9 +3,12 @@
 A loss is a pure function ``loss_fn(params, batch)``; :func:`accumulate` splits
 the batch into microbatches, takes each one's gradient with
 :func:`torch.func.grad`, and folds them with an explicit reducer
-(:func:`mean`, :func:`clipped_mean`) into the exact large-batch gradient.
+(:func:`mean`, :func:`clipped_mean`) into the exact large-batch gradient;
+:func:`train_step` composes that with an update rule from :mod:`funcaccum.optim`
+into one pure, compilable training step.
 """
 
+from . import optim
 from ._accumulate import (
     Accumulated,
     FoldState,
@@ -22,6 +25,7 @@ from ._functional import functional_model
 from ._mean import MeanState, mean
 from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
 from ._reducer import Maximum, Reducer, Tracker
+from ._train import TrainState, TrainStep, train_step
 from ._tree import (
     tree_add,
     tree_cast,
@@ -46,6 +50,8 @@ __all__ = [
     "MicrobatchGroup",
     "Reducer",
     "Tracker",
+    "TrainState",
+    "TrainStep",
     "accumulate",
     "clipped_mean",
     "finalize",
@@ -54,8 +60,10 @@ __all__ = [
     "mean",
     "merge",
     "microbatch_grads",
+    "optim",
     "plan_microbatches",
     "split_microbatches",
+    "train_step",
     "tree_add",
     "tree_cast",
     "tree_global_norm",

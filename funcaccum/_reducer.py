@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from ._tree import PyTree, accum_dtype
+from ._tree import PyTree, accum_dtype, tree_device
 
 __all__ = [
     "Maximum",
@@ -99,9 +99,7 @@ def scalar_zeros(
 
     Distinct tensors, so no state field aliases another (``scan`` refuses aliased carries).
     """
-    leaves = optree.tree_leaves(params)
-    device = leaves[0].device if leaves else None
-    dtype = weight_dtype(params, override)
+    dtype, device = weight_dtype(params, override), tree_device(params)
     return [torch.zeros((), dtype=dtype, device=device) for _ in range(count)]
 
 

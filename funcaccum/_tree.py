@@ -25,6 +25,7 @@ __all__ = [
     "leaf_paths",
     "tree_add",
     "tree_cast",
+    "tree_device",
     "tree_global_norm",
     "tree_scale",
     "tree_select",
@@ -39,6 +40,12 @@ PyTree = Any
 def accum_dtype(dtype: torch.dtype, override: torch.dtype | None = None) -> torch.dtype:
     """The dtype sums of ``dtype`` values are kept in: ``override``, else at least float32."""
     return override if override is not None else torch.promote_types(dtype, torch.float32)
+
+
+def tree_device(tree: PyTree) -> torch.device | None:
+    """The device of the first leaf, or None for a tree without leaves."""
+    leaves = optree.tree_leaves(tree)
+    return leaves[0].device if leaves else None
 
 
 def tree_add(*trees: PyTree) -> PyTree:

@@ -40,3 +40,38 @@ def test_strategy_compiles_whole_and_matches_eager(options: dict) -> None:
         assert_trees_allclose(got.grads, want.grads, rtol=1e-4, atol=1e-6)
         assert_trees_allclose(got.stats, want.stats, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got.loss, want.loss)
+
+
+def test_train_step_compiles_whole_matches_eager_and_never_recompiles() -> None:
+    params = mlp_params(torch.float32)
+    schedule = fa.optim.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20)
+    eager = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4)
+    compiled = fa.train_step(
+        mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4, compile=True
+    )
+    eager_state, state = eager.init(params), compiled.init(params)
+    batches = [classification_batch(24, torch.float32, seed=s) for s in range(3)]
+    state, metrics = compiled(state, batches[0])  # the one compile
+    eager_state, _ = eager(eager_state, batches[0])
+    rates = [metrics["learning_rate"].item()]
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for i in range(1, 10):
+            if i == 5:  # a hand-set hyperparameter is a new tensor value, not a new graph
+                state = state._replace(
+                    opt_state=fa.optim.set_hyperparams(state.opt_state, weight_decay=0.5)
+                )
+                eager_state = eager_state._replace(
+                    opt_state=fa.optim.set_hyperparams(eager_state.opt_state, weight_decay=0.5)
+                )
+            state, metrics = compiled(state, batches[i % 3])
+            eager_state, _ = eager(eager_state, batches[i % 3])
+            rates.append(metrics["learning_rate"].item())
+    assert len(set(rates)) == 10  # the learning rate changed at every step
+    assert_trees_allclose(state.params, eager_state.params, rtol=1e-4, atol=1e-6)
+    assert state.step.item() == 10
+    # The guard is live: a new batch shape would need a new graph, and is refused.
+    with (
+        torch.compiler.set_stance("fail_on_recompile"),
+        pytest.raises(RuntimeError, match="recompile"),
+    ):
+        compiled(state, classification_batch(28, torch.float32))

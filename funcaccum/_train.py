@@ -1,0 +1,247 @@
+"""A whole training step as one pure function: microbatch gradients, reducer, update rule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from ._accumulate import LossFn, Randomness, Strategy, _check_options, _fold_with_outputs, finalize
+from ._errors import FuncaccumError
+from ._mean import mean
+from ._microbatch import batch_size, plan_microbatches
+from ._reducer import Reducer
+from ._tree import PyTree, tree_cast, tree_device, tree_global_norm, tree_scale, tree_select
+from .optim import GradientTransformation, apply_updates, get_hyperparams
+
+__all__ = ["TrainState", "TrainStep", "train_step"]
+
+Metrics = dict[str, Any]
+
+
+class TrainState(NamedTuple):
+    """Everything a training run carries from one optimizer step to the next.
+
+    Attributes:
+        params: the parameter pytree (the master copy, under mixed precision).
+        opt_state: the update rule's state.
+        step: optimizer steps applied (skipped steps do not count), 0-d int64.
+        skipped: steps skipped because the loss or gradient was not finite.
+        consecutive_skips: skipped steps since the last applied one.
+        reducer_carry: the reducer's cross-step statistics (``()`` if none).
+    """
+
+    params: PyTree
+    opt_state: Any
+    step: torch.Tensor
+    skipped: torch.Tensor
+    consecutive_skips: torch.Tensor
+    reducer_carry: Any
+
+
+class TrainStep:
+    """A training step built by :func:`train_step`.
+
+    ``init(params)`` makes the :class:`TrainState`; :meth:`step` is the pure
+    function ``(state, batch) -> (state, metrics)``, the part to compile;
+    calling the object runs it (compiled, if asked) and then stops the run
+    with :class:`FuncaccumError` after too many consecutive skipped steps.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        *,
+        optimizer: GradientTransformation,
+        reducer: Reducer,
+        microbatching: dict[str, Any],
+        has_aux: bool,
+        compute_dtype: torch.dtype | None,
+        max_consecutive_skips: int | None,
+        compile: bool,
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.optimizer = optimizer
+        self.reducer = reducer
+        self.microbatching = microbatching
+        self.has_aux = has_aux
+        self.compute_dtype = compute_dtype
+        self.max_consecutive_skips = max_consecutive_skips
+        self._run: Callable[..., tuple[TrainState, Metrics]] = (
+            torch.compile(self.step, fullgraph=True) if compile else self.step
+        )
+
+    def _loss(self, params: PyTree, batch: PyTree) -> Any:
+        return self.loss_fn(tree_cast(params, self.compute_dtype), batch)
+
+    def init(self, params: PyTree) -> TrainState:
+        """A fresh state: the params (detached, not copied), a new optimizer state, zero counts."""
+        params = optree.tree_map(torch.Tensor.detach, params)
+        counts = [torch.zeros((), dtype=torch.int64, device=tree_device(params)) for _ in range(3)]
+        carry = self.reducer.track.init(params) if self.reducer.track is not None else ()
+        return TrainState(params, self.optimizer.init(params), *counts, carry)
+
+    def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
+        """One optimizer step on ``batch``, as a pure function of the state."""
+        folded, (_, _, aux) = _fold_with_outputs(
+            self._loss, state.params, batch, reducer=self.reducer, state=None,
+            has_aux=self.has_aux, **self.microbatching,
+        )  # fmt: skip
+        result = finalize(folded, reducer=self.reducer)
+        stats, carry = result.stats, state.reducer_carry
+        if self.reducer.track is not None:
+            carry, stats = self.reducer.track.update(carry, stats)
+        grad_norm = tree_global_norm(result.grads)
+        finite = torch.isfinite(result.loss) & torch.isfinite(grad_norm)
+
+        updates, opt_state = self.optimizer.update(result.grads, state.opt_state, state.params)
+        if "step_scale" in stats:  # a reducer that sets the step size multiplies the update
+            updates = tree_scale(updates, stats["step_scale"])
+        params = apply_updates(state.params, updates)
+        # A non-finite step changes nothing but the skip counts: bit-identical params and state.
+        params, opt_state, carry = tree_select(
+            finite, (params, opt_state, carry), (state.params, state.opt_state, state.reducer_carry)
+        )
+        new_state = TrainState(
+            params,
+            opt_state,
+            state.step + finite,
+            state.skipped + ~finite,
+            torch.where(finite, 0, state.consecutive_skips + 1),
+            carry,
+        )
+        metrics: Metrics = {
+            "loss": result.loss,
+            "grad_norm": grad_norm,
+            "weight": result.weight,
+            "skipped": ~finite,
+            **stats,
+        }
+        if "learning_rate" in (rates := get_hyperparams(opt_state)):
+            metrics["learning_rate"] = rates["learning_rate"]
+        if self.has_aux:
+            metrics["aux"] = aux
+        return new_state, metrics
+
+    def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
+        """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
+        # Checked eagerly, so a malformed batch gets its plain error even when compiled.
+        plan_microbatches(
+            batch_size(batch),
+            num_microbatches=self.microbatching["num_microbatches"],
+            microbatch_size=self.microbatching["microbatch_size"],
+        )
+        state, metrics = self._run(state, batch)
+        limit = self.max_consecutive_skips
+        if limit is not None and int(state.consecutive_skips) >= limit:
+            raise FuncaccumError(
+                f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss or "
+                f"gradient (loss={float(metrics['loss'])}, "
+                f"grad_norm={float(metrics['grad_norm'])}); "
+                f"the params are those of step {int(state.step)}, the last finite one. Lower the "
+                "learning rate, check the data for NaN or Inf, or raise max_consecutive_skips."
+            )
+        return state, metrics
+
+
+def train_step(
+    loss_fn: LossFn,
+    *,
+    optimizer: GradientTransformation,
+    reducer: Reducer | None = None,
+    num_microbatches: int | None = None,
+    microbatch_size: int | None = None,
+    strategy: Strategy = "scan",
+    chunk_size: int | None = None,
+    has_aux: bool = False,
+    has_weight: bool = False,
+    randomness: Randomness = "error",
+    compute_dtype: torch.dtype | None = None,
+    max_consecutive_skips: int | None = 10,
+    compile: bool = False,
+) -> TrainStep:
+    """Compose a training step: microbatch gradients, a reducer, an update rule.
+
+    The step splits each batch into microbatches, reduces their gradients
+    (:func:`~funcaccum.accumulate`), applies the update rule once, and
+    advances the step count once, so schedules move per optimizer step,
+    never per microbatch. Metrics report the whole batch:
+
+    - ``loss``: the exact weighted mean loss over every microbatch (not the last one's);
+    - ``grad_norm``: the global norm of the reduced gradient;
+    - ``weight``: examples (or valid tokens) in the step;
+    - ``learning_rate``: the rate the update rule used;
+    - ``skipped``: whether the step was rejected as non-finite;
+    - the reducer's stats, and ``aux`` with ``has_aux``.
+
+    A step whose loss or reduced gradient is NaN or Inf leaves the params,
+    the optimizer state and the reducer's carry bit-identical and counts a
+    skip; after ``max_consecutive_skips`` skips in a row, calling the step
+    raises :class:`FuncaccumError` (None: never, and no host sync per step).
+
+    Args:
+        loss_fn: ``loss_fn(params, batch)``, as for :func:`~funcaccum.accumulate`.
+        optimizer: the update rule, e.g. :func:`funcaccum.optim.adamw`.
+        reducer: default :func:`~funcaccum.mean`.
+        num_microbatches: as for :func:`~funcaccum.accumulate`.
+        microbatch_size: as for :func:`~funcaccum.accumulate`.
+        strategy: as for :func:`~funcaccum.accumulate`.
+        chunk_size: as for :func:`~funcaccum.accumulate`.
+        has_aux: ``loss_fn`` also returns auxiliary outputs, given as ``metrics["aux"]``.
+        has_weight: ``loss_fn`` also returns its weight.
+        randomness: as for :func:`~funcaccum.accumulate`.
+        compute_dtype: run ``loss_fn`` on params cast to this dtype (bf16,
+            fp16) while the state keeps the params in their own dtype (float32
+            master weights). Gradients are accumulated in float32 regardless.
+        max_consecutive_skips: stop after this many non-finite steps in a row.
+        compile: compile :meth:`TrainStep.step` with ``torch.compile(fullgraph=True)``.
+
+    Returns:
+        A :class:`TrainStep`.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> def loss_fn(params, batch):
+        ...     x, y = batch                            # x: (m, 3), y: (m,)
+        ...     return torch.mean((x @ params["w"] - y) ** 2)
+        >>> step = train_step(loss_fn, optimizer=optim.sgd(0.1), num_microbatches=4)
+        >>> state = step.init({"w": torch.zeros(3)})
+        >>> x = torch.randn(32, 3)
+        >>> for _ in range(50):
+        ...     state, metrics = step(state, (x, x @ torch.tensor([1.0, -2.0, 0.5])))
+        >>> metrics["loss"].item() < 1e-4, state.step.item()
+        (True, 50)
+    """
+    reducer = mean() if reducer is None else reducer
+    _check_options(reducer, strategy, chunk_size, randomness)
+    if not isinstance(optimizer, GradientTransformation):
+        raise FuncaccumError(
+            "optimizer must be a funcaccum.optim.GradientTransformation, "
+            f"got {type(optimizer).__name__}"
+        )
+    if max_consecutive_skips is not None and max_consecutive_skips < 1:
+        raise FuncaccumError(
+            f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}"
+        )
+    microbatching = {
+        "num_microbatches": num_microbatches,
+        "microbatch_size": microbatch_size,
+        "strategy": strategy,
+        "chunk_size": chunk_size,
+        "has_weight": has_weight,
+        "randomness": randomness,
+    }
+    if num_microbatches is None and microbatch_size is None:
+        microbatching["num_microbatches"] = 1
+    return TrainStep(
+        loss_fn,
+        optimizer=optimizer,
+        reducer=reducer,
+        microbatching=microbatching,
+        has_aux=has_aux,
+        compute_dtype=compute_dtype,
+        max_consecutive_skips=max_consecutive_skips,
+        compile=compile,
+    )

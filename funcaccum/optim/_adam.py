@@ -1,0 +1,110 @@
+"""Adam and AdamW."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from .._reducer import accumulator_like
+from .._tree import PyTree, tree_device
+from ._base import GradientTransformation, Schedule, chain, hyperparams
+from ._learning_rate import scale_by_learning_rate
+from ._weight_decay import add_decayed_weights
+
+__all__ = ["ScaleByAdamState", "adam", "adamw", "scale_by_adam"]
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam`."""
+
+    count: torch.Tensor  # updates taken, for the bias corrections
+    mu: PyTree  # first moment, in at least float32
+    nu: PyTree  # second moment, in at least float32
+    hyperparams: dict[str, torch.Tensor]  # b1, b2, eps
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
+    """Rescale by Adam's bias-corrected moment estimates (Kingma and Ba 2015, "Adam").
+
+    The update is ``(mu / (1 - b1^t)) / (sqrt(nu) / sqrt(1 - b2^t) + eps)``,
+    arranged as :class:`torch.optim.Adam` computes it. The moments are kept
+    in at least float32, whatever the dtype of the params.
+
+    >>> rule = scale_by_adam()
+    >>> params = {"w": torch.zeros(2)}
+    >>> updates, _ = rule.update({"w": torch.tensor([0.1, -3.0])}, rule.init(params))
+    >>> updates["w"]                                # the first step is sign(g), near enough
+    tensor([ 1.0000, -1.0000])
+    """
+
+    def init(params: PyTree) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            torch.zeros((), dtype=torch.int64, device=tree_device(params)),
+            accumulator_like(params),
+            accumulator_like(params),
+            hyperparams(params, b1=b1, b2=b2, eps=eps),
+        )
+
+    def update(
+        updates: PyTree, state: ScaleByAdamState, params: PyTree = None
+    ) -> tuple[PyTree, ScaleByAdamState]:
+        h = state.hyperparams
+        count = state.count + 1
+        mu = optree.tree_map(lambda m, g: h["b1"] * m + (1 - h["b1"]) * g, state.mu, updates)
+        nu = optree.tree_map(lambda v, g: h["b2"] * v + (1 - h["b2"]) * g * g, state.nu, updates)
+        correction1 = 1 - h["b1"] ** count
+        root_correction2 = torch.sqrt(1 - h["b2"] ** count)
+        updates = optree.tree_map(
+            lambda m, v: m / (torch.sqrt(v) / root_correction2 + h["eps"]) / correction1, mu, nu
+        )
+        return updates, ScaleByAdamState(count, mu, nu, h)
+
+    return GradientTransformation(init, update)
+
+
+def adam(
+    learning_rate: float | Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Adam, as :class:`torch.optim.Adam`: ``weight_decay`` is L2, added to the gradient.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.adam(1e-3)
+        >>> params = {"w": torch.zeros(3)}
+        >>> state = rule.init(params)
+        >>> updates, state = rule.update({"w": torch.randn(3)}, state, params)
+    """
+    transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(*transforms, scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
+
+
+def adamw(
+    learning_rate: float | Schedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    weight_decay: float = 1e-2,
+) -> GradientTransformation:
+    """AdamW, as :class:`torch.optim.AdamW`: weight decay decoupled from the moments.
+
+    The step is ``-learning_rate * (adam_update + weight_decay * params)``
+    (Loshchilov and Hutter 2019, "Decoupled Weight Decay Regularization").
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.adamw(optim.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000))
+        >>> state = rule.init({"w": torch.zeros(3)})
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps),
+        add_decayed_weights(weight_decay),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,172 @@
+"""Gradient transformations: optimizers as pure ``init``/``update`` functions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
+
+import optree
+import torch
+
+from .._errors import FuncaccumError
+from .._tree import PyTree, tree_device
+
+__all__ = [
+    "GradientTransformation",
+    "Schedule",
+    "apply_updates",
+    "chain",
+    "get_hyperparams",
+    "hyperparams",
+    "set_hyperparams",
+]
+
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+"""A function of the optimizer-step count (0-d int64 tensor) to a 0-d float64 value."""
+
+# Hyperparameters are 0-d float64 tensors: changing one changes no graph (no
+# recompile), and scalar arithmetic such as Adam's bias corrections stays
+# exact; multiplying a float32 tensor by a 0-d float64 tensor stays float32.
+HYPERPARAM_DTYPE = torch.float64
+
+
+class _Init(Protocol):
+    def __call__(self, params: PyTree) -> Any: ...
+
+
+class _Update(Protocol):
+    def __call__(
+        self, updates: PyTree, state: Any, params: PyTree = None
+    ) -> tuple[PyTree, Any]: ...
+
+
+class GradientTransformation(NamedTuple):
+    """An update rule as two pure functions (the optax interface).
+
+    Attributes:
+        init: ``init(params) -> state``, a NamedTuple of tensors.
+        update: ``update(updates, state, params) -> (updates, state)``; the
+            incoming updates are gradients, the outgoing ones are added to the
+            params by :func:`apply_updates`.
+    """
+
+    init: _Init
+    update: _Update
+
+
+def hyperparams(params: PyTree, **values: float | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Hyperparameters as 0-d float64 tensors on the params' device, for a state to hold."""
+    device = tree_device(params)
+    return {
+        name: torch.as_tensor(value, dtype=HYPERPARAM_DTYPE, device=device).clone()
+        for name, value in values.items()
+    }
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations in order; the state is the tuple of their states.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.chain(optim.clip_by_global_norm(1.0), optim.scale_by_learning_rate(0.1))
+        >>> params = {"w": torch.zeros(2)}
+        >>> state = rule.init(params)
+        >>> updates, state = rule.update({"w": torch.tensor([3.0, 4.0])}, state, params)
+        >>> updates["w"]
+        tensor([-0.0600, -0.0800])
+    """
+
+    def init(params: PyTree) -> tuple[Any, ...]:
+        return tuple(t.init(params) for t in transforms)
+
+    def update(
+        updates: PyTree, state: tuple[Any, ...], params: PyTree = None
+    ) -> tuple[PyTree, Any]:
+        new_state = []
+        for transform, inner in zip(transforms, state, strict=True):
+            updates, inner = transform.update(updates, inner, params)
+            new_state.append(inner)
+        return updates, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """``params + updates``, leafwise, each result in its param's dtype.
+
+    Updates may be wider (float32 updates of bf16 params); they are added in
+    the wider dtype and the sum is rounded once to the param's dtype.
+
+    >>> apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
+    {'w': tensor([1.5000, 0.0000])}
+    """
+    return optree.tree_map(lambda p, u: (p + u).to(p.dtype), params, updates)
+
+
+Hyperparams = dict[str, torch.Tensor]
+
+
+def _map_hyperparams(state: Any, fn: Callable[[Hyperparams], Hyperparams]) -> Any:
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        if "hyperparams" in state._fields:
+            return state._replace(hyperparams=fn(state.hyperparams))
+        return state
+    if isinstance(state, tuple):
+        return tuple(_map_hyperparams(inner, fn) for inner in state)
+    return state
+
+
+def get_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
+    """Every hyperparameter in an optimizer state, by name (the first, if a name repeats).
+
+    Example:
+        >>> from funcaccum import optim
+        >>> state = optim.adamw(1e-3).init({"w": torch.zeros(2)})
+        >>> sorted(optim.get_hyperparams(state))
+        ['b1', 'b2', 'eps', 'learning_rate', 'weight_decay']
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def collect(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, value in values.items():
+            found.setdefault(name, value)
+        return values
+
+    _map_hyperparams(opt_state, collect)
+    return found
+
+
+def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
+    """A new optimizer state with hyperparameters replaced, by name, wherever they occur.
+
+    The values stay 0-d tensors of the same dtype and device, so a compiled
+    step sees the same graph and does not recompile. A learning rate driven
+    by a schedule is recomputed at every update, so setting it has no lasting
+    effect.
+
+    Raises:
+        FuncaccumError: a name the state does not have.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> state = optim.sgd(0.1, momentum=0.9).init({"w": torch.zeros(2)})
+        >>> state = optim.set_hyperparams(state, learning_rate=0.01)
+        >>> optim.get_hyperparams(state)["learning_rate"].item()
+        0.01
+    """
+    unknown = set(values) - set(get_hyperparams(opt_state))
+    if unknown:
+        raise FuncaccumError(
+            f"the optimizer state has no hyperparameters {sorted(unknown)}; "
+            f"it has {sorted(get_hyperparams(opt_state))}"
+        )
+
+    def replace(current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {
+            name: torch.as_tensor(values[name], dtype=old.dtype, device=old.device).clone()
+            if name in values
+            else old
+            for name, old in current.items()
+        }
+
+    return _map_hyperparams(opt_state, replace)

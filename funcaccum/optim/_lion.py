@@ -1,0 +1,69 @@
+"""Lion."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from .._reducer import accumulator_like
+from .._tree import PyTree
+from ._base import GradientTransformation, Schedule, chain, hyperparams
+from ._learning_rate import scale_by_learning_rate
+from ._weight_decay import add_decayed_weights
+
+__all__ = ["ScaleByLionState", "lion", "scale_by_lion"]
+
+
+class ScaleByLionState(NamedTuple):
+    """State of :func:`scale_by_lion`."""
+
+    mu: PyTree  # momentum, in at least float32
+    hyperparams: dict[str, torch.Tensor]  # b1, b2
+
+
+def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
+    """The sign of an interpolated momentum.
+
+    From Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms". The
+    update is ``sign(b1 * mu + (1 - b1) * g)``; then ``mu = b2 * mu + (1 - b2) * g``.
+
+    >>> rule = scale_by_lion()
+    >>> params = {"w": torch.zeros(3)}
+    >>> rule.update({"w": torch.tensor([0.5, -2.0, 0.0])}, rule.init(params))[0]
+    {'w': tensor([ 1., -1.,  0.])}
+    """
+
+    def init(params: PyTree) -> ScaleByLionState:
+        return ScaleByLionState(accumulator_like(params), hyperparams(params, b1=b1, b2=b2))
+
+    def update(
+        updates: PyTree, state: ScaleByLionState, params: PyTree = None
+    ) -> tuple[PyTree, ScaleByLionState]:
+        h = state.hyperparams
+        direction = optree.tree_map(
+            lambda m, g: torch.sign(h["b1"] * m + (1 - h["b1"]) * g), state.mu, updates
+        )
+        mu = optree.tree_map(lambda m, g: h["b2"] * m + (1 - h["b2"]) * g, state.mu, updates)
+        return direction, ScaleByLionState(mu, h)
+
+    return GradientTransformation(init, update)
+
+
+def lion(
+    learning_rate: float | Schedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    *,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """Lion with decoupled weight decay: ``-learning_rate * (sign(...) + weight_decay * params)``.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.lion(1e-4, weight_decay=0.1)
+        >>> state = rule.init({"w": torch.zeros(3)})
+    """
+    transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
+    return chain(scale_by_lion(b1, b2), *transforms, scale_by_learning_rate(learning_rate))

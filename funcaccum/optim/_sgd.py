@@ -1,0 +1,85 @@
+"""Stochastic gradient descent with momentum."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from .._reducer import accumulator_like
+from .._tree import PyTree
+from ._base import GradientTransformation, Schedule, chain, hyperparams
+from ._learning_rate import scale_by_learning_rate
+from ._weight_decay import add_decayed_weights
+
+__all__ = ["TraceState", "sgd", "trace"]
+
+
+class TraceState(NamedTuple):
+    """State of :func:`trace`."""
+
+    trace: PyTree  # the momentum buffer, in at least float32
+    hyperparams: dict[str, torch.Tensor]  # momentum
+
+
+def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
+    """Heavy-ball momentum: ``t = momentum * t + g``; the update is ``t`` (or ``g + momentum * t``).
+
+    The buffer starts at zero, so its first value is ``g``, as in
+    :class:`torch.optim.SGD` (Sutskever et al. 2013, "On the importance of
+    initialization and momentum in deep learning").
+
+    >>> rule = trace(0.5)
+    >>> params = {"w": torch.zeros(1)}
+    >>> state = rule.init(params)
+    >>> first, state = rule.update({"w": torch.ones(1)}, state)
+    >>> second, state = rule.update({"w": torch.ones(1)}, state)
+    >>> first["w"].item(), second["w"].item()
+    (1.0, 1.5)
+    """
+
+    def init(params: PyTree) -> TraceState:
+        return TraceState(accumulator_like(params), hyperparams(params, momentum=momentum))
+
+    def update(
+        updates: PyTree, state: TraceState, params: PyTree = None
+    ) -> tuple[PyTree, TraceState]:
+        decay = state.hyperparams["momentum"]
+        new_trace = optree.tree_map(lambda t, g: decay * t + g, state.trace, updates)
+        if nesterov:
+            updates = optree.tree_map(lambda g, t: g + decay * t, updates, new_trace)
+        else:
+            updates = new_trace
+        return updates, TraceState(new_trace, state.hyperparams)
+
+    return GradientTransformation(init, update)
+
+
+def sgd(
+    learning_rate: float | Schedule,
+    momentum: float = 0.0,
+    *,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> GradientTransformation:
+    """SGD with optional momentum, Nesterov momentum and L2 weight decay.
+
+    Follows :class:`torch.optim.SGD` (with ``dampening=0``): the gradient gets
+    ``weight_decay * params`` added, then momentum, then ``-learning_rate``.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.sgd(0.1, momentum=0.9)
+        >>> params = {"w": torch.ones(2)}
+        >>> updates, state = rule.update({"w": torch.ones(2)}, rule.init(params), params)
+        >>> optim.apply_updates(params, updates)
+        {'w': tensor([0.9000, 0.9000])}
+    """
+    transforms = []
+    if weight_decay:
+        transforms.append(add_decayed_weights(weight_decay))
+    if momentum or nesterov:
+        transforms.append(trace(momentum, nesterov=nesterov))
+    transforms.append(scale_by_learning_rate(learning_rate))
+    return chain(*transforms)

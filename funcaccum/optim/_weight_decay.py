@@ -1,0 +1,46 @@
+"""Weight decay as a transformation."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from .._tree import PyTree
+from ._base import GradientTransformation, hyperparams
+
+__all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
+
+
+class AddDecayedWeightsState(NamedTuple):
+    """State of :func:`add_decayed_weights`."""
+
+    hyperparams: dict[str, torch.Tensor]  # weight_decay
+
+
+def add_decayed_weights(weight_decay: float) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates.
+
+    Before an adaptive rule (as in :func:`~funcaccum.optim.adam`) this is L2
+    regularisation; after it (as in :func:`~funcaccum.optim.adamw`) it is
+    decoupled weight decay (Loshchilov and Hutter 2019, "Decoupled Weight
+    Decay Regularization").
+
+    >>> rule = add_decayed_weights(0.1)
+    >>> params = {"w": torch.tensor([2.0])}
+    >>> rule.update({"w": torch.tensor([1.0])}, rule.init(params), params)[0]
+    {'w': tensor([1.2000])}
+    """
+
+    def init(params: PyTree) -> AddDecayedWeightsState:
+        return AddDecayedWeightsState(hyperparams(params, weight_decay=weight_decay))
+
+    def update(
+        updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None
+    ) -> tuple[PyTree, AddDecayedWeightsState]:
+        decay = state.hyperparams["weight_decay"]
+        updates = optree.tree_map(lambda u, p: u + decay * p.to(u.dtype), updates, params)
+        return updates, state
+
+    return GradientTransformation(init, update)
