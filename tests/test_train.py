@@ -67,7 +67,7 @@ def test_consecutive_non_finite_steps_stop_the_run() -> None:
     for _ in range(2):
         state, _ = step(state, poisoned(batch))
     with pytest.raises(
-        fa.FuncaccumError, match="3 consecutive steps had a non-finite loss.*step 0"
+        fa.FuncaccumError, match=r"3 consecutive steps had a non-finite loss.*step 0"
     ):
         step(state, poisoned(batch))
 
