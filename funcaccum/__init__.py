@@ -28,6 +28,7 @@ from ._reducer import Maximum, Reducer, Tracker
 from ._train import TrainState, TrainStep, train_step
 from ._tree import (
     tree_add,
+    tree_add_weighted,
     tree_cast,
     tree_global_norm,
     tree_scale,
@@ -65,6 +66,7 @@ __all__ = [
     "split_microbatches",
     "train_step",
     "tree_add",
+    "tree_add_weighted",
     "tree_cast",
     "tree_global_norm",
     "tree_scale",

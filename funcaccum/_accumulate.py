@@ -160,43 +160,57 @@ def _sequential(
     return carry, optree.tree_map(lambda *y: torch.stack(y), *ys)
 
 
-def _fold_units(reducer: Reducer, state: FoldState, grads: PyTree, rest: Any) -> FoldState:
+class _Folding(NamedTuple):
+    """How one call folds its microbatches."""
+
+    reducer: Reducer
+    value_and_grad: Callable[..., Any]
+    strategy: Strategy
+    chunk_size: int
+    randomness: Randomness
+    has_weight: bool
+
+
+def _fold_units(how: _Folding, state: FoldState, grads: PyTree, rest: Any) -> FoldState:
     loss, weight, _ = rest
     weight = weight.to(state.weight_sum.dtype)
-    # A zero-weight microbatch adds exactly nothing, even if its loss is NaN.
-    weighted_loss = torch.where(weight != 0, weight * loss.to(weight.dtype), 0)
+    present = weight != 0
+    if how.has_weight:
+        # A microbatch the loss gives zero weight (all padding) adds exactly nothing,
+        # even when its loss and gradient are 0/0 = NaN.
+        grads = optree.tree_map(
+            lambda g: torch.where(
+                present.reshape(present.shape + (1,) * (g.ndim - present.ndim)), g, 0
+            ),
+            grads,
+        )
+    weighted_loss = torch.where(present, weight * loss.to(weight.dtype), 0)
     return FoldState(
-        reducer.fold(state.reducer, grads, weight),
+        how.reducer.fold(state.reducer, grads, weight),
         state.loss_sum + weighted_loss.sum(),
         state.weight_sum + weight.sum(),
     )
 
 
 def _fold_group(
-    state: FoldState,
-    group: MicrobatchGroup,
-    params: PyTree,
-    value_and_grad: Callable[..., Any],
-    reducer: Reducer,
-    strategy: Strategy,
-    chunk_size: int,
-    randomness: Randomness,
+    how: _Folding, state: FoldState, group: MicrobatchGroup, params: PyTree
 ) -> tuple[FoldState, Any]:
     """Fold one group of equal-size microbatches; also returns the per-microbatch outputs."""
 
     def chunk_step(state: FoldState, chunk: PyTree) -> tuple[FoldState, Any]:
-        batched = vmap(value_and_grad, in_dims=(None, 0, None), randomness=randomness)
+        batched = vmap(how.value_and_grad, in_dims=(None, 0, None), randomness=how.randomness)
         grads, rest = _raise_on_randomness(batched, params, chunk, group.size)
-        return _fold_units(reducer, state, grads, rest), rest
+        return _fold_units(how, state, grads, rest), rest
 
     def microbatch_step(state: FoldState, microbatch: PyTree) -> tuple[FoldState, Any]:
-        grads, rest = value_and_grad(params, microbatch, group.size)
-        return _fold_units(reducer, state, grads, rest), rest
+        grads, rest = how.value_and_grad(params, microbatch, group.size)
+        return _fold_units(how, state, grads, rest), rest
 
-    if strategy == "vmap":
+    if how.strategy == "vmap":
         return chunk_step(state, group.batch)
-    if strategy == "scan":
+    if how.strategy == "scan":
         return _sequential(microbatch_step, state, group.batch)
+    chunk_size = how.chunk_size
     whole, rest_count = divmod(group.count, chunk_size)
     outputs = []
     if whole:
@@ -286,12 +300,17 @@ def _fold_with_outputs(
     )
     if state is None:
         state = init_fold_state(params, reducer)
-    value_and_grad = _value_and_grad(loss_fn, has_aux=has_aux, has_weight=has_weight)
+    how = _Folding(
+        reducer,
+        _value_and_grad(loss_fn, has_aux=has_aux, has_weight=has_weight),
+        strategy,
+        chunk_size or 1,
+        randomness,
+        has_weight,
+    )
     outputs = []
     for group in groups:
-        state, ys = _fold_group(
-            state, group, params, value_and_grad, reducer, strategy, chunk_size or 1, randomness
-        )
+        state, ys = _fold_group(how, state, group, params)
         outputs.append(ys)
     return state, _concat(outputs)
 

@@ -9,7 +9,7 @@ import torch
 
 from ._errors import FuncaccumError
 from ._reducer import Maximum, Reducer, accumulator_like, as_units, merge_states, scalar_zeros
-from ._tree import PyTree, accum_dtype, tree_add, tree_scale, tree_weighted_sum
+from ._tree import PyTree, accum_dtype, tree_add_weighted, tree_scale
 
 __all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
 
@@ -82,19 +82,20 @@ def clipped_mean(
         return ClippedMeanState(accumulator_like(params, override), *zeros[:5], Maximum(zeros[5]))
 
     def fold(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
-        grads, weight = as_units(grads, weight)
+        single = weight.ndim == 0
+        units, weight = as_units(grads, weight)
         weight = weight.to(state.weight_sum.dtype)
-        norms = unit_norms(grads, dtype=override).to(weight.dtype)
+        norms = unit_norms(units, dtype=override).to(weight.dtype)
         # A non-finite norm gives a NaN factor, so it poisons the sum instead of vanishing.
         factor = torch.where(
             torch.isfinite(norms), torch.clamp(max_norm / norms, max=1.0), torch.nan
         )
         active = weight != 0
+        coefficients = torch.where(active, weight * factor, 0)
         zero = torch.zeros_like(norms)
         return ClippedMeanState(
-            clipped_sum=tree_add(
-                state.clipped_sum,
-                tree_weighted_sum(grads, torch.where(active, weight * factor, 0), dtype=override),
+            clipped_sum=tree_add_weighted(
+                state.clipped_sum, grads, coefficients[0] if single else coefficients
             ),
             weight_sum=state.weight_sum + weight.sum(),
             unit_count=state.unit_count + active.sum(),

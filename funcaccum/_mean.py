@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._reducer import Reducer, accumulator_like, as_units, merge_states, scalar_zeros
-from ._tree import PyTree, tree_add, tree_scale, tree_weighted_sum
+from ._reducer import Reducer, accumulator_like, merge_states, scalar_zeros
+from ._tree import PyTree, tree_add_weighted, tree_scale
 
 __all__ = ["MeanState", "mean"]
 
@@ -53,10 +53,10 @@ def mean(*, denominator: float | None = None, accum_dtype: torch.dtype | None = 
         return MeanState(accumulator_like(params, override), *scalar_zeros(params, 1, override))
 
     def fold(state: MeanState, grads: PyTree, weight: torch.Tensor) -> MeanState:
-        grads, weight = as_units(grads, weight)
         weight = weight.to(state.weight_sum.dtype)
-        total = tree_weighted_sum(grads, weight, dtype=override)
-        return MeanState(tree_add(state.grad_sum, total), state.weight_sum + weight.sum())
+        return MeanState(
+            tree_add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
+        )
 
     def finalize(state: MeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
         divisor = state.weight_sum if denominator is None else denominator

@@ -24,6 +24,7 @@ __all__ = [
     "accum_dtype",
     "leaf_paths",
     "tree_add",
+    "tree_add_weighted",
     "tree_cast",
     "tree_device",
     "tree_global_norm",
@@ -112,9 +113,8 @@ def tree_weighted_sum(
 ) -> PyTree:
     """``sum_i weights[i] * leaf[i]`` over the leading axis of every leaf.
 
-    Sums in ``dtype`` (default: at least float32). An entry whose weight is zero
-    contributes an exact zero even when its values are NaN or Inf, so padded or
-    masked entries can never leak into the sum.
+    Sums in ``dtype`` (default: at least float32), as one matrix-vector
+    product per leaf.
 
     Args:
         tree: leaves shaped ``(k, ...)``.
@@ -124,18 +124,33 @@ def tree_weighted_sum(
     Returns:
         A tree of leaves shaped ``(...)``.
 
-    >>> g = {"w": torch.tensor([[1.0, 1.0], [float("nan"), 2.0]])}
-    >>> tree_weighted_sum(g, torch.tensor([2.0, 0.0]))
-    {'w': tensor([2., 2.])}
+    >>> g = {"w": torch.tensor([[1.0, 1.0], [3.0, 2.0]])}         # (k=2, d=2)
+    >>> tree_weighted_sum(g, torch.tensor([2.0, 0.5]))
+    {'w': tensor([3.5000, 3.0000])}
     """
-    keep = weights != 0
 
     def weighted(x: torch.Tensor) -> torch.Tensor:
         acc = accum_dtype(x.dtype, dtype)
-        mask = keep.reshape(keep.shape + (1,) * (x.ndim - 1))
-        return torch.tensordot(weights.to(acc), torch.where(mask, x.to(acc), 0), dims=1)
+        return torch.tensordot(weights.to(acc), x.to(acc), dims=1)
 
     return optree.tree_map(weighted, tree)
+
+
+def tree_add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTree:
+    """``acc + sum_i weights[i] * tree[i]``, in ``acc``'s dtypes, for accumulators.
+
+    A 0-d ``weights`` adds one unweighted-axis tree in a single fused pass
+    (``addcmul``); a ``(k,)`` ``weights`` adds the weighted sum of a stacked
+    chunk whose leaves are shaped ``(k, ...)``.
+
+    >>> tree_add_weighted({"w": torch.ones(2)}, {"w": torch.tensor([1.0, 2.0])}, torch.tensor(3.0))
+    {'w': tensor([4., 7.])}
+    """
+    if weights.ndim == 0:
+        return optree.tree_map(lambda a, x: torch.addcmul(a, x, weights.to(a.dtype)), acc, tree)
+    return optree.tree_map(
+        lambda a, x: a + torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1), acc, tree
+    )
 
 
 def tree_select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:

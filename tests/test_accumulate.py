@@ -150,16 +150,27 @@ def test_clipped_mean_never_drops_an_infinite_gradient() -> None:
 
 
 @pytest.mark.parametrize("reducer", [fa.mean(), fa.clipped_mean(0.2)], ids=["mean", "clipped"])
-def test_zero_weight_microbatch_contributes_nothing_even_if_nan(reducer: fa.Reducer) -> None:
-    params = {"w": torch.zeros(2, dtype=torch.float64)}
-    state = reducer.init(params)
-    state = reducer.fold(
-        state, {"w": torch.tensor([1.0, 2.0], dtype=torch.float64)}, torch.tensor(2.0)
+@pytest.mark.parametrize("options", STRATEGIES)
+def test_an_all_padding_microbatch_contributes_nothing(reducer: fa.Reducer, options: dict) -> None:
+    params, batch = sequence_params(), sequence_batch(12)
+    batch["mask"][4:8] = False  # the second of three microbatches is all padding
+    assert torch.isnan(token_weighted_loss(params, {k: v[4:8] for k, v in batch.items()})[0])
+    result = fa.accumulate(
+        token_weighted_loss,
+        params,
+        batch,
+        reducer=reducer,
+        num_microbatches=3,
+        has_weight=True,
+        **options,
     )
-    poisoned = reducer.fold(
-        state, {"w": torch.tensor([float("nan")] * 2, dtype=torch.float64)}, torch.tensor(0.0)
+    kept = {k: torch.cat([v[:4], v[8:]]) for k, v in batch.items()}
+    expected = fa.accumulate(
+        token_weighted_loss, params, kept, reducer=reducer, num_microbatches=2, has_weight=True
     )
-    assert_trees_equal(reducer.finalize(poisoned)[0], reducer.finalize(state)[0])
+    assert_trees_allclose(result.grads, expected.grads, rtol=1e-12, atol=1e-15)
+    assert_trees_allclose(result.stats, expected.stats, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(result.loss, expected.loss, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("reducer", [fa.mean(), fa.clipped_mean(0.2)], ids=["mean", "clipped"])

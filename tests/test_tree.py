@@ -51,10 +51,15 @@ def test_reductions_of_half_precision_trees_are_float32() -> None:
     assert norm.item() == pytest.approx(0.01 * 64, rel=1e-2)
 
 
-def test_weighted_sum_masks_zero_weights() -> None:
-    stacked = {"w": torch.tensor([[1.0, 2.0], [float("nan"), float("inf")], [3.0, 4.0]])}
-    total = fa.tree_weighted_sum(stacked, torch.tensor([2.0, 0.0, 0.5]))
-    assert_trees_equal(total, {"w": torch.tensor([3.5, 6.0])})
+def test_weighted_sum_and_add_weighted() -> None:
+    stacked = {"w": torch.tensor([[1.0, 2.0], [5.0, 7.0], [3.0, 4.0]])}
+    weights = torch.tensor([2.0, 0.0, 0.5])
+    assert_trees_equal(fa.tree_weighted_sum(stacked, weights), {"w": torch.tensor([3.5, 6.0])})
+    acc = {"w": torch.ones(2, dtype=torch.float64)}
+    chunk = fa.tree_add_weighted(acc, stacked, weights)
+    single = fa.tree_add_weighted(acc, {"w": stacked["w"][0]}, weights[0])
+    assert_trees_equal(chunk, {"w": torch.tensor([4.5, 7.0], dtype=torch.float64)})
+    assert_trees_equal(single, {"w": torch.tensor([3.0, 5.0], dtype=torch.float64)})
 
 
 def test_select_is_bit_exact() -> None:

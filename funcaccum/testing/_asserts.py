@@ -82,8 +82,12 @@ def assert_trees_allclose(
             raise AssertionError(f"leaf {path} differs: {_errors(a, e)}\n  {detail}") from None
 
 
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().reshape(-1).contiguous().view(torch.uint8)
+    """Each element's bits as an integer of the same width."""
+    return x.detach().reshape(-1).contiguous().view(_SAME_WIDTH_INT[x.element_size()])
 
 
 def assert_trees_equal(actual: PyTree, expected: PyTree) -> None:
@@ -105,10 +109,10 @@ def assert_trees_equal(actual: PyTree, expected: PyTree) -> None:
             raise AssertionError(
                 f"leaf {path}: actual {a.dtype}{tuple(a.shape)}, expected {e.dtype}{tuple(e.shape)}"
             )
-        if not torch.equal(_bits(a), _bits(e)):
-            unequal = (a != e) & ~(a.isnan() & e.isnan()) if a.is_floating_point() else a != e
+        unequal = int((_bits(a) != _bits(e)).sum())
+        if unequal:
             raise AssertionError(
-                f"leaf {path} differs in {int(unequal.sum())} of {a.numel()} elements "
+                f"leaf {path} differs in {unequal} of {a.numel()} elements "
                 f"(bitwise); {_errors(a, e)}"
             )
 
@@ -166,7 +170,7 @@ def assert_shape(x: torch.Tensor, pattern: str, **sizes: int) -> dict[str, int]:
     wanted = ", ".join(f"{k}={v}" for k, v in sizes.items())
     try:
         parsed = einops.parse_shape(x, pattern)
-    except einops.EinopsError as error:
+    except (einops.EinopsError, RuntimeError) as error:  # einops raises both, by version
         raise AssertionError(
             f"shape {tuple(x.shape)} does not match {pattern!r}: {error}"
         ) from None

@@ -1,0 +1,213 @@
+"""funcaccum's training step against the seeds' hand-written accumulation loop.
+
+Speed: ms per optimizer step, the seeds' eager loop (``loss / K;
+loss.backward(); step every K``) and funcaccum (eager and compiled) timed in
+the same process, on an MLP and a small transformer, for several K.
+
+Memory and compile time: at a fixed microbatch size, how peak memory and
+compile seconds grow with K for each strategy.
+
+    python benchmarks/accumulation.py                 # both parts, CPU
+    python benchmarks/accumulation.py --device cuda
+    python benchmarks/accumulation.py --part speed --smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from typing import Any
+
+import torch
+from _common import (
+    ROOT,
+    environment,
+    peak_memory,
+    print_table,
+    run_worker,
+    time_to_first_call,
+    timed_median_ms,
+)
+from torch import nn
+
+import funcaccum as fa
+from recipes.models import MLP, CharTransformer
+
+LEARNING_RATE = 0.01
+# "mlp" is small enough that per-op overhead matters (where compiling pays);
+# "mlp-wide" is compute-bound on a 2-core CPU (about 1 GFLOP per step at K=8).
+MLP_SIZES = {"mlp": (64, 256, 256, 10), "mlp-wide": (784, 512, 512, 10)}
+
+
+def build(config: dict[str, Any]) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The model and a batch of ``k * microbatch`` examples."""
+    torch.manual_seed(0)
+    n, device = config["k"] * config["microbatch"], config["device"]
+    if config["model"].startswith("mlp"):
+        sizes = tuple(config.get("sizes", MLP_SIZES[config["model"]]))
+        model = MLP(sizes)
+        x, y = torch.randn(n, sizes[0]), torch.randint(sizes[-1], (n,))
+    else:
+        vocab, context = 64, 32
+        model = CharTransformer(vocab, context, dim=64, heads=4, layers=1)
+        x = torch.randint(vocab, (n, context))
+        y = torch.roll(x, -1, dims=1)
+    return model.to(device), (x.to(device), y.to(device))
+
+
+def loss_of(output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(output.flatten(0, -2), targets.flatten())
+
+
+def worker(config: dict[str, Any]) -> dict[str, Any]:
+    device, k, m = config["device"], config["k"], config["microbatch"]
+    model, (x, y) = build(config)
+
+    # The seeds' loop (seed 003, "correct gradient accumulation"), with torch.optim.SGD.
+    loop_model = copy.deepcopy(model)
+    opt = torch.optim.SGD(loop_model.parameters(), lr=LEARNING_RATE)
+
+    def eager_loop() -> None:
+        for i in range(k):
+            loss = loss_of(loop_model(x[i * m : (i + 1) * m]), y[i * m : (i + 1) * m]) / k
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        inputs, targets = batch
+        return loss_of(apply(params, buffers, inputs), targets)
+
+    options = {"chunk_size": config["chunk"]} if config["strategy"] == "chunked" else {}
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.sgd(LEARNING_RATE),
+        num_microbatches=k,
+        strategy=config["strategy"],
+        compile=config["compiled"],
+        max_consecutive_skips=None,  # no host sync per step, like the loop
+        **options,
+    )
+    state = step.init(params)
+
+    def funcaccum_step() -> None:
+        nonlocal state
+        state, _ = step(state, (x, y))
+
+    result: dict[str, Any] = {"first_call_s": time_to_first_call(funcaccum_step, device)}
+    repeat = config.get("repeat", 20)
+    if config["part"] == "speed":
+        # Alternate the two sides so drift on a noisy machine hits both.
+        loop_ms, funcaccum_ms = [], []
+        for _ in range(3):
+            loop_ms.append(timed_median_ms(eager_loop, device=device, repeat=repeat))
+            funcaccum_ms.append(timed_median_ms(funcaccum_step, device=device, repeat=repeat))
+        result["loop_ms"] = sorted(loop_ms)[1]
+        result["funcaccum_ms"] = sorted(funcaccum_ms)[1]
+    else:
+        funcaccum_step()
+        with peak_memory(device) as memory:
+            funcaccum_step()
+        result["peak_mib"] = memory["mib"]
+        eager_loop()
+        with peak_memory(device) as memory:
+            eager_loop()
+        result["loop_peak_mib"] = memory["mib"]
+    return result
+
+
+def speed_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
+    if smoke:
+        base = {"part": "speed", "device": device, "microbatch": 4, "repeat": 3}
+        return [
+            {
+                **base,
+                "model": "mlp",
+                "sizes": (8, 16, 4),
+                "k": 2,
+                "strategy": "scan",
+                "compiled": False,
+            }
+        ]
+    configs = []
+    for model, ks, microbatch in (
+        ("mlp", (1, 4, 8, 16), 32),
+        ("mlp-wide", (8,), 32),
+        ("transformer", (1, 4, 16), 8),
+    ):
+        for k in ks:
+            for strategy, compiled in (("scan", False), ("scan", True), ("vmap", True)):
+                configs.append(
+                    {"part": "speed", "device": device, "model": model, "k": k,
+                     "microbatch": microbatch, "strategy": strategy, "compiled": compiled}
+                )  # fmt: skip
+    return configs
+
+
+def memory_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
+    ks = (1, 4) if smoke else (1, 4, 16, 64)
+    sizes = (8, 16, 4) if smoke else (512, 2048, 2048, 512)
+    return [
+        {"part": "memory", "device": device, "model": "mlp", "sizes": sizes, "k": k,
+         "microbatch": 32, "strategy": strategy, "chunk": 4, "compiled": not smoke}
+        for strategy in ("scan", "chunked", "vmap")
+        for k in ks
+    ]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--part", default="all", choices=["all", "speed", "memory"])
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny sizes, eager only: checks the script runs"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    results: dict[str, Any] = {
+        "environment": environment(args.device),
+        "command": " ".join(sys.argv),
+    }
+    if args.part in ("all", "speed"):
+        rows, results["speed"] = [], []
+        for config in speed_configs(args.device, args.smoke):
+            out = run_worker(__file__, config)
+            results["speed"].append({**config, **out})
+            side = f"{config['strategy']} {'compiled' if config['compiled'] else 'eager'}"
+            rows.append([config["model"], config["k"], side, out["loop_ms"], out["funcaccum_ms"],
+                         out["loop_ms"] / out["funcaccum_ms"], out["first_call_s"]])  # fmt: skip
+        print_table(
+            f"ms per optimizer step ({args.device}): seeds' eager loop vs funcaccum",
+            ["model", "K", "funcaccum", "loop ms", "funcaccum ms", "speedup", "first step s"],
+            rows,
+        )
+    if args.part in ("all", "memory"):
+        rows, results["memory"] = [], []
+        for config in memory_configs(args.device, args.smoke):
+            out = run_worker(__file__, config)
+            results["memory"].append({**config, **out})
+            rows.append([config["strategy"], config["k"], out["first_call_s"], out["peak_mib"],
+                         out["loop_peak_mib"]])  # fmt: skip
+        print_table(
+            f"peak memory and compile time vs K, microbatch 32 ({args.device})",
+            ["strategy", "K", "compile s", "peak MiB", "loop peak MiB"],
+            rows,
+        )
+    if not args.smoke:
+        out_dir = ROOT / "benchmarks" / "results"
+        out_dir.mkdir(exist_ok=True)
+        path = out_dir / f"accumulation-{args.device}-{args.part}.json"
+        path.write_text(json.dumps(results, indent=1))
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
