@@ -77,8 +77,10 @@ def peak_memory(device: str) -> Iterator[dict[str, float]]:
 
     CUDA: ``torch.cuda.max_memory_allocated``. CPU: the process's resident-set
     high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
-    the resident set before the block; large tensors are mmapped and returned
-    to the system when freed, so this follows tensor memory closely.
+    the resident set before the block. This follows tensor memory only when
+    large allocations are mmapped and returned on free, which
+    :func:`run_worker` arranges by pinning glibc's ``MALLOC_MMAP_THRESHOLD_``
+    (glibc otherwise raises the threshold after frees and keeps memory resident).
     """
     result: dict[str, float] = {}
     if torch.device(device).type == "cuda":
@@ -127,8 +129,12 @@ def run_worker(script: str, config: dict[str, Any], timeout: float = 900) -> dic
 
     A fresh process per configuration keeps compile caches and memory peaks apart.
     """
+    # A fixed mmap threshold makes every allocation over 64 KiB an mmap returned on free,
+    # so the resident set follows live tensors (see peak_memory).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     completed = subprocess.run(
         [sys.executable, script, "--worker", json.dumps(config)],
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,

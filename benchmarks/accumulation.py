@@ -149,7 +149,7 @@ def speed_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
 
 
 def memory_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
-    ks = (1, 4) if smoke else (1, 4, 16, 64)
+    ks = (1, 4) if smoke else (1, 2, 4, 16, 64)
     sizes = (8, 16, 4) if smoke else (512, 2048, 2048, 512)
     return [
         {"part": "memory", "device": device, "model": "mlp", "sizes": sizes, "k": k,

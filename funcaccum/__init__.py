@@ -3,7 +3,8 @@
 A loss is a pure function ``loss_fn(params, batch)``; :func:`accumulate` splits
 the batch into microbatches, takes each one's gradient with
 :func:`torch.func.grad`, and folds them with an explicit reducer
-(:func:`mean`, :func:`clipped_mean`) into the exact large-batch gradient;
+(:func:`mean`, :func:`clipped_mean`, :func:`adaptive`) into the exact
+large-batch gradient;
 :func:`train_step` composes that with an update rule from :mod:`funcaccum.optim`
 into one pure, compilable training step.
 """
@@ -19,6 +20,8 @@ from ._accumulate import (
     merge,
     microbatch_grads,
 )
+from ._adaptive import AdaptiveCarry, AdaptiveState, adaptive, noise_statistics
+from ._adaptive_batching import AdaptiveBatching
 from ._clipped_mean import ClippedMeanState, clipped_mean
 from ._errors import FuncaccumError
 from ._functional import functional_model
@@ -42,6 +45,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accumulated",
+    "AdaptiveBatching",
+    "AdaptiveCarry",
+    "AdaptiveState",
     "ClippedMeanState",
     "FoldState",
     "FuncaccumError",
@@ -54,6 +60,7 @@ __all__ = [
     "TrainState",
     "TrainStep",
     "accumulate",
+    "adaptive",
     "clipped_mean",
     "finalize",
     "fold",
@@ -61,6 +68,7 @@ __all__ = [
     "mean",
     "merge",
     "microbatch_grads",
+    "noise_statistics",
     "optim",
     "plan_microbatches",
     "split_microbatches",

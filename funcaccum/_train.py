@@ -3,22 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
 
-from ._accumulate import LossFn, Randomness, Strategy, _check_options, _fold_with_outputs, finalize
+from ._accumulate import (
+    FoldState,
+    LossFn,
+    Randomness,
+    Strategy,
+    _check_options,
+    _fold_with_outputs,
+    finalize,
+    init_fold_state,
+)
 from ._errors import FuncaccumError
 from ._mean import mean
 from ._microbatch import batch_size, plan_microbatches
 from ._reducer import Reducer
-from ._tree import PyTree, tree_cast, tree_device, tree_global_norm, tree_scale, tree_select
+from ._tree import (
+    PyTree,
+    accum_dtype,
+    tree_cast,
+    tree_device,
+    tree_global_norm,
+    tree_scale,
+    tree_select,
+)
 from .optim import GradientTransformation, apply_updates, get_hyperparams
 
 __all__ = ["TrainState", "TrainStep", "train_step"]
 
 Metrics = dict[str, Any]
+ScheduleClock = Literal["step", "progress"]
 
 
 class TrainState(NamedTuple):
@@ -48,6 +66,10 @@ class TrainStep:
     function ``(state, batch) -> (state, metrics)``, the part to compile;
     calling the object runs it (compiled, if asked) and then stops the run
     with :class:`FuncaccumError` after too many consecutive skipped steps.
+
+    :meth:`step` is :meth:`fold` then :meth:`apply`, both pure. Use them
+    apart to fold microbatches that arrive one by one, or to merge partial
+    states from other processes before applying (:mod:`funcaccum.distributed`).
     """
 
     def __init__(
@@ -60,6 +82,7 @@ class TrainStep:
         has_aux: bool,
         compute_dtype: torch.dtype | None,
         max_consecutive_skips: int | None,
+        schedule_clock: ScheduleClock,
         compile: bool,
     ) -> None:
         self.loss_fn = loss_fn
@@ -69,6 +92,7 @@ class TrainStep:
         self.has_aux = has_aux
         self.compute_dtype = compute_dtype
         self.max_consecutive_skips = max_consecutive_skips
+        self.schedule_clock = schedule_clock
         self._run: Callable[..., tuple[TrainState, Metrics]] = (
             torch.compile(self.step, fullgraph=True) if compile else self.step
         )
@@ -83,20 +107,52 @@ class TrainStep:
         carry = self.reducer.track.init(params) if self.reducer.track is not None else ()
         return TrainState(params, self.optimizer.init(params), *counts, carry)
 
-    def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
-        """One optimizer step on ``batch``, as a pure function of the state."""
+    def init_fold(self, state: TrainState) -> FoldState:
+        """An empty accumulation for one optimizer step from ``state``."""
+        return init_fold_state(state.params, self.reducer)
+
+    def fold(self, state: TrainState, batch: PyTree, folded: FoldState | None = None) -> FoldState:
+        """Fold ``batch``'s microbatches into ``folded`` (pure; auxiliary outputs are dropped)."""
+        folded, _ = self._fold(state, batch, folded)
+        return folded
+
+    def _fold(
+        self, state: TrainState, batch: PyTree, folded: FoldState | None
+    ) -> tuple[FoldState, Any]:
         folded, (_, _, aux) = _fold_with_outputs(
-            self._loss, state.params, batch, reducer=self.reducer, state=None,
+            self._loss, state.params, batch, reducer=self.reducer, state=folded,
             has_aux=self.has_aux, **self.microbatching,
         )  # fmt: skip
+        return folded, aux
+
+    def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
+        """One optimizer step on ``batch``, as a pure function of the state."""
+        folded, aux = self._fold(state, batch, None)
+        state, metrics = self.apply(state, folded)
+        if self.has_aux:
+            metrics["aux"] = aux
+        return state, metrics
+
+    def apply(self, state: TrainState, folded: FoldState) -> tuple[TrainState, Metrics]:
+        """Finish the accumulation in ``folded`` and take one optimizer step (pure)."""
         result = finalize(folded, reducer=self.reducer)
         stats, carry = result.stats, state.reducer_carry
         if self.reducer.track is not None:
             carry, stats = self.reducer.track.update(carry, stats)
-        grad_norm = tree_global_norm(result.grads)
+        # Each param's gradient in its accumulation dtype, whatever the reducer summed in.
+        grads = optree.tree_map(lambda g, p: g.to(accum_dtype(p.dtype)), result.grads, state.params)
+        grad_norm = tree_global_norm(grads)
         finite = torch.isfinite(result.loss) & torch.isfinite(grad_norm)
 
-        updates, opt_state = self.optimizer.update(result.grads, state.opt_state, state.params)
+        extra = {}
+        if self.schedule_clock == "progress":
+            if "progress" not in stats:
+                raise FuncaccumError(
+                    "schedule_clock='progress' needs a reducer that reports progress, such as "
+                    "adaptive()"
+                )
+            extra["schedule_step"] = stats["progress"]
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **extra)
         if "step_scale" in stats:  # a reducer that sets the step size multiplies the update
             updates = tree_scale(updates, stats["step_scale"])
         params = apply_updates(state.params, updates)
@@ -121,8 +177,6 @@ class TrainStep:
         }
         if "learning_rate" in (rates := get_hyperparams(opt_state)):
             metrics["learning_rate"] = rates["learning_rate"]
-        if self.has_aux:
-            metrics["aux"] = aux
         return new_state, metrics
 
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
@@ -160,6 +214,7 @@ def train_step(
     randomness: Randomness = "error",
     compute_dtype: torch.dtype | None = None,
     max_consecutive_skips: int | None = 10,
+    schedule_clock: ScheduleClock = "step",
     compile: bool = False,
 ) -> TrainStep:
     """Compose a training step: microbatch gradients, a reducer, an update rule.
@@ -196,6 +251,9 @@ def train_step(
             fp16) while the state keeps the params in their own dtype (float32
             master weights). Gradients are accumulated in float32 regardless.
         max_consecutive_skips: stop after this many non-finite steps in a row.
+        schedule_clock: what learning-rate schedules read: ``"step"``, the
+            optimizer-step count, or ``"progress"``, the adaptive reducer's
+            scale-invariant ``tau`` (passed to the update rule as ``schedule_step``).
         compile: compile :meth:`TrainStep.step` with ``torch.compile(fullgraph=True)``.
 
     Returns:
@@ -221,6 +279,8 @@ def train_step(
             "optimizer must be a funcaccum.optim.GradientTransformation, "
             f"got {type(optimizer).__name__}"
         )
+    if schedule_clock not in ("step", "progress"):
+        raise FuncaccumError(f"schedule_clock must be 'step' or 'progress', got {schedule_clock!r}")
     if max_consecutive_skips is not None and max_consecutive_skips < 1:
         raise FuncaccumError(
             f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}"
@@ -243,5 +303,6 @@ def train_step(
         has_aux=has_aux,
         compute_dtype=compute_dtype,
         max_consecutive_skips=max_consecutive_skips,
+        schedule_clock=schedule_clock,
         compile=compile,
     )

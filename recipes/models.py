@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -15,7 +17,7 @@ class MLP(nn.Sequential):
 
     def __init__(self, sizes: tuple[int, ...]) -> None:
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        for i, (a, b) in enumerate(itertools.pairwise(sizes)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(nn.Tanh())

@@ -1,4 +1,4 @@
-"""funcaccum.testing: each assertion passes on equal inputs and fails, with its message, on planted faults."""
+"""funcaccum.testing: each check passes on equal inputs and fails, with its message, on faults."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_trees_equal_is_bitwise() -> None:
         match=re.escape("leaf tree['layer']['b'] differs in 1 of 2 elements (bitwise)"),
     ):
         assert_trees_equal(negative_zero, tree())
-    with pytest.raises(AssertionError, match="torch.float32"):
+    with pytest.raises(AssertionError, match=r"torch\.float32"):
         assert_trees_equal(fa.tree_cast(tree(), torch.float32), tree())
 
 
@@ -142,7 +142,7 @@ def test_check_grads_catches_a_gradient_wrong_by_1e_3() -> None:
 
     params, x = {"w": torch.randn(3, 2)}, torch.randn(4, 3)
     with pytest.raises(
-        AssertionError, match="order 1 VJP: torch.func and central finite differences disagree"
+        AssertionError, match=r"order 1 VJP: torch\.func and central finite differences disagree"
     ):
         check_grads(loss, params, x)
 
@@ -195,11 +195,11 @@ def summed_loss(params: dict, batch: dict) -> torch.Tensor:
     [
         pytest.param(
             token_mean_without_weight, sequence_params(), sequence_batch(13),
-            "loss_fn normalises each microbatch by its own count", id="per-microbatch-normalisation",
+            "loss_fn normalises each microbatch by its own count", id="per-microbatch-norm",
         ),
         pytest.param(
             batch_norm_loss, mlp_params(), classification_batch(19),
-            "the model couples the examples of a microbatch (batch norm in training mode", id="batch-norm",
+            "the model couples the examples of a microbatch (batch norm", id="batch-norm",
         ),
         pytest.param(
             dropout_loss, mlp_params(), classification_batch(19),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -48,7 +48,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         )
 
     def update(
-        updates: PyTree, state: ScaleByAdamState, params: PyTree = None
+        updates: PyTree, state: ScaleByAdamState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ScaleByAdamState]:
         h = state.hyperparams
         count = state.count + 1

@@ -36,7 +36,7 @@ class _Init(Protocol):
 
 class _Update(Protocol):
     def __call__(
-        self, updates: PyTree, state: Any, params: PyTree = None
+        self, updates: PyTree, state: Any, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, Any]: ...
 
 
@@ -45,9 +45,12 @@ class GradientTransformation(NamedTuple):
 
     Attributes:
         init: ``init(params) -> state``, a NamedTuple of tensors.
-        update: ``update(updates, state, params) -> (updates, state)``; the
-            incoming updates are gradients, the outgoing ones are added to the
-            params by :func:`apply_updates`.
+        update: ``update(updates, state, params, **extra) -> (updates, state)``;
+            the incoming updates are gradients, the outgoing ones are added to
+            the params by :func:`apply_updates`. ``extra`` holds optional
+            inputs a transformation may read and must otherwise ignore:
+            ``schedule_step``, a value schedules read instead of their own step
+            count (``train_step(schedule_clock="progress")`` passes it).
     """
 
     init: _Init
@@ -80,11 +83,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(
-        updates: PyTree, state: tuple[Any, ...], params: PyTree = None
+        updates: PyTree, state: tuple[Any, ...], params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, Any]:
         new_state = []
         for transform, inner in zip(transforms, state, strict=True):
-            updates, inner = transform.update(updates, inner, params)
+            updates, inner = transform.update(updates, inner, params, **extra)
             new_state.append(inner)
         return updates, tuple(new_state)
 

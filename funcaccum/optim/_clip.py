@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,7 +36,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return ClipByGlobalNormState(hyperparams(params, max_norm=max_norm))
 
     def update(
-        updates: PyTree, state: ClipByGlobalNormState, params: PyTree = None
+        updates: PyTree, state: ClipByGlobalNormState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ClipByGlobalNormState]:
         limit = state.hyperparams["max_norm"]
         norm = tree_global_norm(updates)

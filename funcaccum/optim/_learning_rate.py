@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -34,7 +34,8 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     A number becomes a 0-d tensor in the state, which
     :func:`~funcaccum.optim.set_hyperparams` can change without a recompile.
     A schedule is evaluated at the optimizer-step count held here, which moves
-    once per update (never per microbatch); the state records the value used.
+    once per update (never per microbatch), or at ``extra["schedule_step"]``
+    when the caller passes one; the state records the value used.
 
     Example:
         >>> from funcaccum import optim
@@ -54,9 +55,10 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         return ScaleByLearningRateState(count, hyperparams(params, learning_rate=first))
 
     def update(
-        updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None
+        updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ScaleByLearningRateState]:
-        rate = state.hyperparams["learning_rate"] if schedule is None else schedule(state.count)
+        clock = extra.get("schedule_step", state.count)
+        rate = state.hyperparams["learning_rate"] if schedule is None else schedule(clock)
         return tree_scale(updates, -rate), ScaleByLearningRateState(
             state.count + 1, {"learning_rate": rate}
         )
@@ -86,8 +88,9 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         return ScaleByScheduleState(_count(params))
 
     def update(
-        updates: PyTree, state: ScaleByScheduleState, params: PyTree = None
+        updates: PyTree, state: ScaleByScheduleState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ScaleByScheduleState]:
-        return tree_scale(updates, schedule(state.count)), ScaleByScheduleState(state.count + 1)
+        clock = extra.get("schedule_step", state.count)
+        return tree_scale(updates, schedule(clock)), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -39,7 +39,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         return ScaleByLionState(accumulator_like(params), hyperparams(params, b1=b1, b2=b2))
 
     def update(
-        updates: PyTree, state: ScaleByLionState, params: PyTree = None
+        updates: PyTree, state: ScaleByLionState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ScaleByLionState]:
         h = state.hyperparams
         direction = optree.tree_map(

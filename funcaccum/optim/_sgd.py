@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -43,7 +43,7 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
         return TraceState(accumulator_like(params), hyperparams(params, momentum=momentum))
 
     def update(
-        updates: PyTree, state: TraceState, params: PyTree = None
+        updates: PyTree, state: TraceState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, TraceState]:
         decay = state.hyperparams["momentum"]
         new_trace = optree.tree_map(lambda t, g: decay * t + g, state.trace, updates)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -37,7 +37,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         return AddDecayedWeightsState(hyperparams(params, weight_decay=weight_decay))
 
     def update(
-        updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None
+        updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, AddDecayedWeightsState]:
         decay = state.hyperparams["weight_decay"]
         updates = optree.tree_map(lambda u, p: u + decay * p.to(u.dtype), updates, params)

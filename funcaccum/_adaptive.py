@@ -1,0 +1,242 @@
+"""The adaptive-step reducer: gradient-noise statistics that set the step and the batch."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import optree
+import torch
+
+from . import _tree
+from ._errors import FuncaccumError
+from ._reducer import Reducer, Tracker, accumulator_like, as_units, merge_states, scalar_zeros
+from ._tree import PyTree, tree_add_weighted, tree_scale, tree_vdot
+
+__all__ = [
+    "AdaptiveCarry",
+    "AdaptiveState",
+    "StepOutputs",
+    "adaptive",
+    "noise_statistics",
+    "step_outputs",
+]
+
+_STATS = torch.float64
+
+
+class AdaptiveState(NamedTuple):
+    """State of :func:`adaptive` for one optimizer step: sums only, merged by addition."""
+
+    grad_sum: PyTree  # sum_i n_i g_i, in float64 by default
+    square_sum: PyTree  # per parameter leaf: sum_i n_i |g_i|^2, a 0-d float64 tensor
+    weight_sum: torch.Tensor  # n = sum_i n_i
+    unit_count: torch.Tensor  # k: microbatches with n_i > 0
+
+
+class AdaptiveCarry(NamedTuple):
+    """What :func:`adaptive` carries across optimizer steps."""
+
+    trace_ema: torch.Tensor  # EMA of the raw tr(Sigma) estimates
+    grad_sq_ema: torch.Tensor  # EMA of the raw |G|^2 estimates
+    ema_weight: torch.Tensor  # the EMA's total weight, 1 - prod(beta), to debias it
+    progress: torch.Tensor  # tau = sum of the step scales so far
+
+
+def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unbiased estimates ``(T, G2)`` of ``tr(Sigma)`` per example and ``|G|^2``, from one step.
+
+    With ``g_bar = sum_i n_i g_i / n`` and ``Q = sum_i n_i |g_i|^2 - n |g_bar|^2``:
+    ``T = Q / (k - 1)`` and ``G2 = |g_bar|^2 - T / n``. If microbatch ``i``
+    averages ``n_i`` examples drawn independently, ``E[Q] = (k - 1) tr(Sigma)``
+    and ``E|g_bar|^2 = |G|^2 + tr(Sigma) / n``, so both are unbiased for unequal
+    ``n_i``. They need ``k >= 2`` (else NaN or Inf); ``G2`` can come out negative.
+    """
+    n, k = state.weight_sum, state.unit_count
+    mean_sq = tree_vdot(state.grad_sum, state.grad_sum).to(_STATS) / n**2
+    scatter = sum(optree.tree_leaves(state.square_sum)) - n * mean_sq
+    trace = scatter / (k - 1)
+    return trace, mean_sq - trace / n
+
+
+class StepOutputs(NamedTuple):
+    """What the statistics imply, from :func:`step_outputs`."""
+
+    noise_scale: torch.Tensor
+    step_scale: torch.Tensor
+    efficiency: torch.Tensor
+    suggested_k: torch.Tensor
+
+
+def step_outputs(
+    trace: torch.Tensor,
+    grad_sq: torch.Tensor,
+    n: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    base_batch_size: float | None,
+    theta: float,
+    k_min: int,
+    k_max: int,
+) -> StepOutputs:
+    """Noise scale, AdaScale gain, efficiency and suggested K from ``(T, G2)``.
+
+    The estimates are clamped here, when read (``T >= 0``, ``G2 >= 0``):
+    ``B = T / G2``; ``r = (G2 + T / B0) / (G2 + T / n)``, which is
+    ``(1 + B / B0) / (1 + B / n)`` written so that ``G2 = 0`` gives ``n / B0``
+    and ``T = 0`` gives 1; efficiency ``r B0 / n``; and the smallest K whose
+    batch passes the norm test, ``ceil(B / (theta^2 n_bar))`` with ``n_bar =
+    n / k``, clipped to ``[k_min, k_max]``. Unknown (non-finite) estimates
+    give ``r = 1`` and suggest the current ``k``.
+    """
+    unknown = ~(torch.isfinite(trace) & torch.isfinite(grad_sq))
+    trace, grad_sq = torch.clamp(trace, min=0), torch.clamp(grad_sq, min=0)
+    base = n / k if base_batch_size is None else torch.full_like(n, base_batch_size)
+    noise_scale = trace / grad_sq
+    denominator = grad_sq + trace / n
+    step_scale = torch.where(
+        (denominator > 0) & ~unknown, (grad_sq + trace / base) / denominator, torch.ones_like(n)
+    )
+    needed = torch.ceil(noise_scale / (theta**2 * (n / k)))
+    needed = torch.where(grad_sq > 0, needed, torch.full_like(needed, k_max))
+    needed = torch.where(unknown, k, torch.clamp(needed, k_min, k_max))
+    return StepOutputs(noise_scale, step_scale, step_scale * base / n, needed)
+
+
+def adaptive(
+    *,
+    base_batch_size: float | None = None,
+    theta: float = 1.0,
+    k_min: int = 2,
+    k_max: int = 64,
+    decay: float = 0.999,
+    accum_dtype: torch.dtype = torch.float64,
+) -> Reducer:
+    """The exact weighted mean, plus gradient-noise statistics that set the step and the batch.
+
+    The gradient is the same as :func:`~funcaccum.mean`'s (never rescaled).
+    From the same microbatch gradients the reducer estimates, without bias for
+    unequal microbatch sizes, the per-example gradient noise ``T = tr(Sigma)``
+    and the squared true gradient ``G2 = |G|^2`` (:func:`noise_statistics`),
+    and from them:
+
+    - ``noise_scale``: ``B = T / G2``, the gradient noise scale ``B_simple``
+      (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training");
+    - ``step_scale``: the AdaScale gain ``r = (1 + B/B0) / (1 + B/n)`` for a
+      batch of ``n`` against the base batch ``B0`` (Johnson et al. 2020,
+      "AdaScale SGD"), in ``[1, n/B0]``; :func:`~funcaccum.train_step`
+      multiplies the update (the learning rate) by it;
+    - ``progress``: ``tau``, the sum of the gains, a scale-invariant step count
+      that a schedule can run on (``train_step(..., schedule_clock="progress")``);
+    - ``efficiency``: ``r B0 / n``, the share of the scale-up that is progress;
+    - ``ready``: this step's norm test (Byrd et al. 2012, "Sample size selection
+      in optimization methods for machine learning"), in its exact form
+      ``n theta^2 G2 >= T``: the batch mean is within ``theta |G|`` of the
+      true gradient in expectation. (Byrd's practical form compares with
+      ``|g_bar|^2 = G2 + T/n`` and always passes at ``theta = 1``.)
+    - ``suggested_k``: the microbatch count whose batch would pass the test,
+      ``ceil(B / (theta^2 n_bar))``, clipped to ``[k_min, k_max]``.
+
+    :func:`~funcaccum.accumulate` reports these from the one step's raw
+    estimates. Across the steps of a :func:`~funcaccum.train_step` the raw
+    estimates (unclamped) enter a debiased EMA with ``beta = decay ** k``, so
+    smoothing is per microbatch whatever K is; a step with ``k < 2`` or a
+    non-finite estimate does not update it. ``noise_scale``, ``step_scale``,
+    ``efficiency`` and ``suggested_k`` then come from the EMA; ``ready``
+    stays this step's own; ``noise_trace`` and ``grad_sq`` are always raw.
+
+    State: ``sum_i n_i g_i`` (in ``accum_dtype``, float64 by default, so that
+    ``Q`` keeps its precision when the noise is small against the gradient),
+    ``sum_i n_i |g_i|^2`` per parameter leaf (float64, from gradients upcast
+    to at least float32), ``n`` and ``k``: all sums, merged by one addition.
+    The gradient is returned in ``accum_dtype``; ``train_step`` casts it to
+    each param's accumulation dtype for the update rule.
+
+    Args:
+        base_batch_size: ``B0``, the batch the learning rate was tuned for;
+            default the mean microbatch size ``n / k``, so ``r`` is in ``[1, k]``.
+        theta: the norm test's tolerance, > 0.
+        k_min: the smallest microbatch count to suggest, >= 2.
+        k_max: the largest.
+        decay: the EMA's decay per microbatch, in (0, 1).
+        accum_dtype: the dtype of the gradient sum.
+
+    Returns:
+        A :class:`~funcaccum.Reducer` with a cross-step tracker.
+
+    Example:
+        >>> def loss_fn(params, batch):
+        ...     return 0.5 * torch.sum((params["w"] - batch) ** 2, dim=-1).mean()
+        >>> from funcaccum import accumulate
+        >>> params = {"w": torch.zeros(4, dtype=torch.float64)}
+        >>> g = torch.Generator().manual_seed(0)
+        >>> batch = torch.randn(4096, 4, generator=g, dtype=torch.float64) + 3.0  # (n, d)
+        >>> result = accumulate(loss_fn, params, batch, reducer=adaptive(), num_microbatches=64)
+        >>> stats = result.stats                        # the truth: tr(Sigma) = 4, |G|^2 = 36
+        >>> round(stats["noise_trace"].item(), 2), round(stats["grad_sq"].item(), 2)
+        (3.66, 35.52)
+        >>> round(stats["noise_scale"].item(), 3), bool(stats["ready"])   # B = T / G2
+        (0.103, True)
+    """
+    if not theta > 0:
+        raise FuncaccumError(f"theta must be > 0, got {theta}")
+    if not 2 <= k_min <= k_max:
+        raise FuncaccumError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
+    if not 0 < decay < 1:
+        raise FuncaccumError(f"decay must be in (0, 1), got {decay}")
+    options = {"base_batch_size": base_batch_size, "theta": theta, "k_min": k_min, "k_max": k_max}
+
+    def init(params: PyTree) -> AdaptiveState:
+        squares = optree.tree_map(lambda p: torch.zeros((), dtype=_STATS, device=p.device), params)
+        n, k = scalar_zeros(params, 2, _STATS)
+        return AdaptiveState(accumulator_like(params, accum_dtype), squares, n, k)
+
+    def fold(state: AdaptiveState, grads: PyTree, weight: torch.Tensor) -> AdaptiveState:
+        units, weights = as_units(grads, weight)
+        weights = weights.to(_STATS)
+
+        def weighted_squares(total: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+            upcast = g.reshape(g.shape[0], -1).to(_tree.accum_dtype(g.dtype))
+            return total + torch.dot(weights, torch.sum(torch.square(upcast), dim=1, dtype=_STATS))
+
+        return AdaptiveState(
+            tree_add_weighted(state.grad_sum, grads, weight.to(_STATS)),
+            optree.tree_map(weighted_squares, state.square_sum, units),
+            state.weight_sum + weights.sum(),
+            state.unit_count + (weights > 0).sum(),
+        )
+
+    def finalize(state: AdaptiveState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+        n, k = state.weight_sum, state.unit_count
+        trace, grad_sq = noise_statistics(state)
+        outputs = step_outputs(trace, grad_sq, n, k, **options)
+        return tree_scale(state.grad_sum, 1 / n), {
+            "noise_trace": trace,
+            "grad_sq": grad_sq,
+            "ready": n * theta**2 * grad_sq >= trace,
+            "weight": n,
+            "units": k,
+            **outputs._asdict(),
+        }
+
+    def init_carry(params: PyTree) -> AdaptiveCarry:
+        return AdaptiveCarry(*scalar_zeros(params, 4, _STATS))
+
+    def update_carry(
+        carry: AdaptiveCarry, stats: dict[str, torch.Tensor]
+    ) -> tuple[AdaptiveCarry, dict[str, torch.Tensor]]:
+        trace, grad_sq = stats["noise_trace"], stats["grad_sq"]
+        n, k = stats["weight"], stats["units"]
+        valid = torch.isfinite(trace) & torch.isfinite(grad_sq) & (k >= 2)
+        beta = torch.where(valid, torch.full_like(k, decay) ** k, torch.ones_like(k))
+        zero = torch.zeros_like(trace)
+        trace_ema = beta * carry.trace_ema + (1 - beta) * torch.where(valid, trace, zero)
+        grad_sq_ema = beta * carry.grad_sq_ema + (1 - beta) * torch.where(valid, grad_sq, zero)
+        ema_weight = beta * carry.ema_weight + (1 - beta)
+        # Before the first valid step the EMA is 0/0 = NaN: r = 1, K unchanged.
+        outputs = step_outputs(trace_ema / ema_weight, grad_sq_ema / ema_weight, n, k, **options)
+        new_carry = AdaptiveCarry(
+            trace_ema, grad_sq_ema, ema_weight, carry.progress + outputs.step_scale
+        )
+        return new_carry, {**stats, **outputs._asdict(), "progress": carry.progress}
+
+    return Reducer(init, fold, merge_states, finalize, Tracker(init_carry, update_carry))
