@@ -76,6 +76,12 @@ def plan_microbatches(
 
 def batch_size(batch: PyTree) -> int:
     """The leading dimension every leaf of ``batch`` shares, checked with clear errors."""
+    leaves = optree.tree_leaves(batch)
+    if leaves and all(isinstance(x, torch.Tensor) and x.ndim > 0 for x in leaves):
+        sizes = {x.shape[0] for x in leaves}
+        if len(sizes) == 1:
+            return sizes.pop()
+    # Something is wrong: find it, with each leaf's path for the message.
     leaves = leaf_paths(batch, "batch")
     if not leaves:
         raise FuncaccumError("the batch has no tensor leaves")

@@ -28,6 +28,7 @@ __all__ = [
     "tree_cast",
     "tree_device",
     "tree_global_norm",
+    "tree_lerp",
     "tree_scale",
     "tree_select",
     "tree_vdot",
@@ -151,6 +152,18 @@ def tree_add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTre
     return optree.tree_map(
         lambda a, x: a + torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1), acc, tree
     )
+
+
+def tree_lerp(start: PyTree, end: PyTree, weight: float | torch.Tensor) -> PyTree:
+    """``start + weight * (end - start)``, leafwise: one step of an exponential moving average.
+
+    Weight averaging is ``average = tree_lerp(average, params, 1 - decay)``
+    after each optimizer step.
+
+    >>> tree_lerp({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)
+    {'w': tensor([0.2500, 0.2500])}
+    """
+    return optree.tree_map(lambda a, b: a + weight * (b - a), start, end)
 
 
 def tree_select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:

@@ -1,0 +1,188 @@
+"""A whole training step with AdamW: funcaccum compiled, the seeds' eager loop, and JAX.
+
+Each worker process times, for one model and K, in the same run:
+
+- the seeds' loop (``loss / K; loss.backward(); step every K``) with
+  ``torch.optim.AdamW``, ``foreach=True`` and ``fused=True``;
+- ``funcaccum.train_step`` with ``funcaccum.optim.adamw``, compiled
+  (``vmap`` and ``scan`` strategies);
+- the same step in JAX: ``optax.MultiSteps(optax.adamw)`` applied per
+  microbatch inside a ``lax.scan`` over the K microbatches, under ``jax.jit``
+  (the benchmark-only extra ``pip install "jax[cpu]" optax``).
+
+It reports ms per optimizer step (median), the ratio to funcaccum, and the
+time to the first step (compilation).
+
+    python benchmarks/train_step.py
+    python benchmarks/train_step.py --device cuda      # JAX skipped unless it sees the GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import sys
+import time
+from typing import Any
+
+import torch
+from _common import (
+    ROOT,
+    environment,
+    print_table,
+    run_worker,
+    time_to_first_call,
+    timed_median_ms,
+)
+from torch import nn
+
+import funcaccum as fa
+from recipes.models import MLP
+
+LEARNING_RATE, WEIGHT_DECAY = 1e-3, 1e-2
+SIZES = {"mlp": (64, 256, 256, 10), "mlp-wide": (784, 512, 512, 10)}
+
+
+def torch_sides(config: dict[str, Any]) -> dict[str, Any]:
+    device, k, m = config["device"], config["k"], config["microbatch"]
+    torch.manual_seed(0)
+    sizes = SIZES[config["model"]]
+    model = MLP(sizes).to(device)
+    x = torch.randn(k * m, sizes[0], device=device)
+    y = torch.randint(sizes[-1], (k * m,), device=device)
+    out: dict[str, Any] = {}
+
+    for flavour in ("foreach", "fused"):
+        loop_model = copy.deepcopy(model)
+        opt = torch.optim.AdamW(
+            loop_model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+            **{flavour: True},
+        )  # fmt: skip
+
+        def eager_loop(
+            loop_model: nn.Module = loop_model, opt: torch.optim.Optimizer = opt
+        ) -> None:
+            for i in range(k):
+                logits = loop_model(x[i * m : (i + 1) * m])
+                (nn.functional.cross_entropy(logits, y[i * m : (i + 1) * m]) / k).backward()
+            opt.step()
+            opt.zero_grad()
+
+        out[f"loop_{flavour}_first_s"] = time_to_first_call(eager_loop, device)
+        out[f"loop_{flavour}_ms"] = timed_median_ms(eager_loop, device=device)
+
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.cross_entropy(apply(params, buffers, inputs), targets)
+
+    for strategy in ("vmap", "scan"):
+        step = fa.train_step(
+            loss_fn, optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+            num_microbatches=k, strategy=strategy, compile=True, max_consecutive_skips=None,
+        )  # fmt: skip
+        state = step.init(params)
+
+        def funcaccum_step(step: fa.TrainStep = step) -> None:
+            nonlocal state
+            state, _ = step(state, (x, y))
+
+        out[f"funcaccum_{strategy}_first_s"] = time_to_first_call(funcaccum_step, device)
+        out[f"funcaccum_{strategy}_ms"] = timed_median_ms(funcaccum_step, device=device)
+    return out
+
+
+def jax_side(config: dict[str, Any]) -> dict[str, Any]:
+    try:
+        import jax
+        import jax.numpy as jnp
+        import optax
+    except ImportError:
+        return {}
+    if config["device"] == "cuda" and jax.default_backend() != "gpu":
+        return {}
+    k, m = config["k"], config["microbatch"]
+    sizes = SIZES[config["model"]]
+    key = jax.random.PRNGKey(0)
+    params = []
+    for a, b in itertools.pairwise(sizes):
+        key, wkey = jax.random.split(key)
+        params.append({"w": jax.random.normal(wkey, (a, b)) / a**0.5, "b": jnp.zeros(b)})
+    key, xkey, ykey = jax.random.split(key, 3)
+    x = jax.random.normal(xkey, (k, m, sizes[0]))
+    y = jax.random.randint(ykey, (k, m), 0, sizes[-1])
+
+    def loss_fn(params: list, x: Any, y: Any) -> Any:
+        for layer in params[:-1]:
+            x = jnp.tanh(x @ layer["w"] + layer["b"])
+        logits = x @ params[-1]["w"] + params[-1]["b"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    optimizer = optax.MultiSteps(
+        optax.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY), every_k_schedule=k
+    )
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def train_step(params: list, opt_state: Any, x: Any, y: Any) -> tuple:
+        def microbatch(carry: tuple, batch: tuple) -> tuple:
+            params, opt_state = carry
+            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(microbatch, (params, opt_state), (x, y))
+        return params, opt_state, losses.mean()
+
+    carry = [params, opt_state]
+
+    def jax_step() -> None:
+        params, opt_state, loss = train_step(carry[0], carry[1], x, y)
+        loss.block_until_ready()
+        carry[:] = [params, opt_state]
+
+    start = time.perf_counter()
+    jax_step()
+    return {"jax_first_s": time.perf_counter() - start, "jax_ms": timed_median_ms(jax_step)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        config = json.loads(args.worker)
+        print(json.dumps({**jax_side(config), **torch_sides(config)}))
+        return
+    results: dict[str, Any] = {
+        "environment": environment(args.device),
+        "command": " ".join(sys.argv),
+    }
+    rows, results["runs"] = [], []
+    for model, k in (("mlp", 1), ("mlp", 8), ("mlp-wide", 8)):
+        config = {"device": args.device, "model": model, "k": k, "microbatch": 32}
+        out = run_worker(__file__, config)
+        results["runs"].append({**config, **out})
+        best = min(out["funcaccum_vmap_ms"], out["funcaccum_scan_ms"])
+        for side in ("loop_foreach", "loop_fused", "funcaccum_vmap", "funcaccum_scan", "jax"):
+            if f"{side}_ms" in out:
+                ms = out[f"{side}_ms"]
+                rows.append([model, k, side, ms, ms / best, out[f"{side}_first_s"]])
+    print_table(
+        f"AdamW training step ({args.device}): ms per optimizer step, microbatch 32",
+        ["model", "K", "side", "ms", "ms / best funcaccum", "first step s"],
+        rows,
+    )
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"train_step-{args.device}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
