@@ -142,9 +142,16 @@ def speed_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
         for k in ks:
             for strategy, compiled in (("scan", False), ("scan", True), ("vmap", True)):
                 configs.append(
-                    {"part": "speed", "device": device, "model": model, "k": k,
-                     "microbatch": microbatch, "strategy": strategy, "compiled": compiled}
-                )  # fmt: skip
+                    {
+                        "part": "speed",
+                        "device": device,
+                        "model": model,
+                        "k": k,
+                        "microbatch": microbatch,
+                        "strategy": strategy,
+                        "compiled": compiled,
+                    }
+                )
     return configs
 
 
@@ -152,11 +159,20 @@ def memory_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
     ks = (1, 4) if smoke else (1, 2, 4, 16, 64)
     sizes = (8, 16, 4) if smoke else (512, 2048, 2048, 512)
     return [
-        {"part": "memory", "device": device, "model": "mlp", "sizes": sizes, "k": k,
-         "microbatch": 32, "strategy": strategy, "chunk": 4, "compiled": not smoke}
+        {
+            "part": "memory",
+            "device": device,
+            "model": "mlp",
+            "sizes": sizes,
+            "k": k,
+            "microbatch": 32,
+            "strategy": strategy,
+            "chunk": 4,
+            "compiled": not smoke,
+        }
         for strategy in ("scan", "chunked", "vmap")
         for k in ks
-    ]  # fmt: skip
+    ]
 
 
 def main() -> None:
@@ -182,8 +198,17 @@ def main() -> None:
             out = run_worker(__file__, config)
             results["speed"].append({**config, **out})
             side = f"{config['strategy']} {'compiled' if config['compiled'] else 'eager'}"
-            rows.append([config["model"], config["k"], side, out["loop_ms"], out["funcaccum_ms"],
-                         out["loop_ms"] / out["funcaccum_ms"], out["first_call_s"]])  # fmt: skip
+            rows.append(
+                [
+                    config["model"],
+                    config["k"],
+                    side,
+                    out["loop_ms"],
+                    out["funcaccum_ms"],
+                    out["loop_ms"] / out["funcaccum_ms"],
+                    out["first_call_s"],
+                ]
+            )
         print_table(
             f"ms per optimizer step ({args.device}): seeds' eager loop vs funcaccum",
             ["model", "K", "funcaccum", "loop ms", "funcaccum ms", "speedup", "first step s"],
@@ -194,8 +219,15 @@ def main() -> None:
         for config in memory_configs(args.device, args.smoke):
             out = run_worker(__file__, config)
             results["memory"].append({**config, **out})
-            rows.append([config["strategy"], config["k"], out["first_call_s"], out["peak_mib"],
-                         out["loop_peak_mib"]])  # fmt: skip
+            rows.append(
+                [
+                    config["strategy"],
+                    config["k"],
+                    out["first_call_s"],
+                    out["peak_mib"],
+                    out["loop_peak_mib"],
+                ]
+            )
         print_table(
             f"peak memory and compile time vs K, microbatch 32 ({args.device})",
             ["strategy", "K", "compile s", "peak MiB", "loop peak MiB"],

@@ -57,9 +57,11 @@ def torch_sides(config: dict[str, Any]) -> dict[str, Any]:
     for flavour in ("foreach", "fused"):
         loop_model = copy.deepcopy(model)
         opt = torch.optim.AdamW(
-            loop_model.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+            loop_model.parameters(),
+            lr=LEARNING_RATE,
+            weight_decay=WEIGHT_DECAY,
             **{flavour: True},
-        )  # fmt: skip
+        )
 
         def eager_loop(
             loop_model: nn.Module = loop_model, opt: torch.optim.Optimizer = opt
@@ -81,9 +83,13 @@ def torch_sides(config: dict[str, Any]) -> dict[str, Any]:
 
     for strategy in ("vmap", "scan"):
         step = fa.train_step(
-            loss_fn, optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-            num_microbatches=k, strategy=strategy, compile=True, max_consecutive_skips=None,
-        )  # fmt: skip
+            loss_fn,
+            optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
+            num_microbatches=k,
+            strategy=strategy,
+            compile=True,
+            max_consecutive_skips=None,
+        )
         state = step.init(params)
 
         def funcaccum_step(step: fa.TrainStep = step) -> None:

@@ -28,7 +28,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--metrics", type=Path, help="write per-step metrics here, one JSON object a line")
+    p.add_argument(
+        "--metrics", type=Path, help="write per-step metrics here, one JSON object a line"
+    )
     p.add_argument("--summary", type=Path, help="write the summary table here as JSON")
     p.add_argument("--smoke", action="store_true", help="a tiny run, to check the recipe works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -79,7 +81,9 @@ class Recipe:
             TextColumn("loss {task.fields[loss]}"),
             TimeElapsedColumn(),
         ]
-        with Progress(*columns, console=self.console, disable=self.args.quiet, transient=False) as bar:
+        with Progress(
+            *columns, console=self.console, disable=self.args.quiet, transient=False
+        ) as bar:
             task = bar.add_task(description, total=total, loss="-")
 
             def advance(**fields: Any) -> None:
@@ -88,7 +92,9 @@ class Recipe:
 
             yield advance
 
-    def summary(self, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()) -> None:
+    def summary(
+        self, columns: Sequence[str], rows: Sequence[Sequence[Any]], notes: Sequence[str] = ()
+    ) -> None:
         """Print the summary table and write it to ``--summary`` as JSON."""
         table = Table(title=self.title)
         for i, column in enumerate(columns):
@@ -119,5 +125,7 @@ class Recipe:
 def _format(value: Any) -> str:
     value = _plain(value)
     if isinstance(value, float):
-        return f"{value:.3e}" if value and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4f}"
+        return (
+            f"{value:.3e}" if value and (abs(value) < 1e-3 or abs(value) >= 1e5) else f"{value:.4f}"
+        )
     return str(value)

@@ -64,7 +64,9 @@ def hand_written_step(
             loss.backward()
             if mistake == "zero_grad every microbatch":
                 opt.zero_grad()  # seed 003, example 3: right after backward
-        applied = flat([torch.zeros_like(q) if q.grad is None else q.grad for q in model.parameters()])
+        applied = flat(
+            [torch.zeros_like(q) if q.grad is None else q.grad for q in model.parameters()]
+        )
         opt.step()
         if mistake != "no zero_grad after step":
             opt.zero_grad()
@@ -106,9 +108,16 @@ def main() -> None:
         return flat([q.grad for q in probe.parameters()])
 
     # The reference and the three mistakes: the seeds' loops, on torch.optim.SGD.
-    names = ["batch 128", "no normalisation", "zero_grad every microbatch", "no zero_grad after step"]
+    names = [
+        "batch 128",
+        "no normalisation",
+        "zero_grad every microbatch",
+        "no zero_grad after step",
+    ]
     runs = {name: copy.deepcopy(initial) for name in names}
-    optimizers = {name: torch.optim.SGD(model.parameters(), lr=args.lr) for name, model in runs.items()}
+    optimizers = {
+        name: torch.optim.SGD(model.parameters(), lr=args.lr) for name, model in runs.items()
+    }
     steps = {name: hand_written_step(name, 1 if name == "batch 128" else k) for name in names}
     gradient_error = dict.fromkeys(names, 0.0)
 
@@ -119,9 +128,12 @@ def main() -> None:
         return nn.functional.mse_loss(apply(params, buffers, x), y)
 
     step = fa.train_step(
-        loss_fn, optimizer=fa.optim.sgd(args.lr), num_microbatches=k, strategy=args.strategy,
+        loss_fn,
+        optimizer=fa.optim.sgd(args.lr),
+        num_microbatches=k,
+        strategy=args.strategy,
         chunk_size=2 if args.strategy == "chunked" else None,
-    )  # fmt: skip
+    )
     # fold and apply are the two halves of step(); apart, they let us see the gradient applied.
     fold, apply_update = step.fold, step.apply
     if args.compile:
@@ -152,7 +164,9 @@ def main() -> None:
             deviation["funcaccum 4 x 32"] = max(
                 deviation["funcaccum 4 x 32"], float((flat(state.params) - reference).abs().max())
             )
-            recipe.log(step=t, loss=metrics["loss"], grad_norm=metrics["grad_norm"], gradient_error=error)
+            recipe.log(
+                step=t, loss=metrics["loss"], grad_norm=metrics["grad_norm"], gradient_error=error
+            )
             advance(loss=metrics["loss"])
 
     final_model = copy.deepcopy(initial)
@@ -164,7 +178,8 @@ def main() -> None:
         ["method", "max gradient error", "max param deviation", "final loss"],
         [[name, gradient_error[name], deviation[name], final_loss[name]] for name in order],
         notes=[
-            f"{args.steps} SGD steps, lr {args.lr}, batches of {k * m} = {k} x {m}, float32, {device}.",
+            f"{args.steps} SGD steps, lr {args.lr}, batches of {k * m} = {k} x {m}, "
+            f"float32, {device}.",
             "gradient error: |applied - true batch gradient| / |true|, the worst step; "
             "deviation: the largest parameter difference from batch-128 training, over the run.",
             "no normalisation applies K times the gradient: SGD at K times the learning rate, "

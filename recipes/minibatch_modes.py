@@ -34,7 +34,9 @@ def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.T
     return x, 2 * x + 1 + 0.1 * torch.randn(n, 1, generator=generator)
 
 
-def loss_fn(params: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def loss_fn(
+    params: dict[str, torch.Tensor], batch: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
     x, y = batch  # (m, 1), (m, 1)
     return torch.mean((x @ params["w"] + params["b"] - y) ** 2)
 
@@ -70,7 +72,9 @@ def main() -> None:
             step = fa.train_step(
                 loss_fn, optimizer=fa.optim.sgd(args.lr), microbatch_size=mode["microbatch_size"]
             )
-            state = step.init({"w": torch.zeros(1, 1, device=device), "b": torch.zeros(1, device=device)})
+            state = step.init(
+                {"w": torch.zeros(1, 1, device=device), "b": torch.zeros(1, device=device)}
+            )
             for epoch in range(args.epochs):
                 loss_sum, weight_sum = torch.zeros((), device=device), 0.0
                 for start in range(0, n, mode["batch"]):
@@ -81,24 +85,43 @@ def main() -> None:
                     advance(loss=metrics["loss"])
                 epoch_mean = float(loss_sum) / weight_sum
                 recipe.log(
-                    mode=name, epoch=epoch, epoch_mean_loss=epoch_mean,
-                    last_batch_loss=metrics["loss"], steps=state.step,
-                )  # fmt: skip
+                    mode=name,
+                    epoch=epoch,
+                    epoch_mean_loss=epoch_mean,
+                    last_batch_loss=metrics["loss"],
+                    steps=state.step,
+                )
             final = float(loss_fn(state.params, (x, y)))
             rows.append(
-                [name, mode["batch"], int(state.step), epoch_mean, float(metrics["loss"]), final,
-                 float(state.params["w"][0, 0]), float(state.params["b"][0])]
-            )  # fmt: skip
+                [
+                    name,
+                    mode["batch"],
+                    int(state.step),
+                    epoch_mean,
+                    float(metrics["loss"]),
+                    final,
+                    float(state.params["w"][0, 0]),
+                    float(state.params["b"][0]),
+                ]
+            )
     recipe.summary(
-        ["mode", "batch", "steps", "last epoch mean loss", "last batch loss", "final full loss",
-         "w (true 2)", "b (true 1)"],
+        [
+            "mode",
+            "batch",
+            "steps",
+            "last epoch mean loss",
+            "last batch loss",
+            "final full loss",
+            "w (true 2)",
+            "b (true 1)",
+        ],
         rows,
         notes=[
             f"{n} examples, {args.epochs} epochs, SGD lr {args.lr}, {device}.",
             "last epoch mean loss: every step's loss weighted by its examples, over the epoch; "
             "last batch loss: what the seeds print as the epoch's loss, one (maybe partial) batch.",
         ],
-    )  # fmt: skip
+    )
 
 
 if __name__ == "__main__":

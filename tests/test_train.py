@@ -32,6 +32,22 @@ def test_metrics_report_the_whole_batch_not_the_last_microbatch() -> None:
     )
 
 
+def test_each_step_sees_only_its_own_gradient() -> None:
+    """The seeds' missing zero_grad: here nothing carries over from one step to the next."""
+    params, batch = mlp_params(), classification_batch(19)
+    step = fa.train_step(mlp_loss, optimizer=optim.sgd(0.5), num_microbatches=4)
+    state = step.init(params)
+    for _ in range(3):
+        before = state.params
+        state, metrics = step(state, batch)
+        alone = fa.tree_global_norm(torch.func.grad(mlp_loss)(before, batch))
+        torch.testing.assert_close(metrics["grad_norm"], alone, rtol=1e-10, atol=0)
+        expected = optim.apply_updates(
+            before, fa.tree_scale(torch.func.grad(mlp_loss)(before, batch), -0.5)
+        )
+        assert_trees_allclose(state.params, expected, rtol=1e-10, atol=1e-13)
+
+
 def poisoned(batch: dict) -> dict:
     x = batch["x"].clone()
     x[3, 1] = float("nan")
