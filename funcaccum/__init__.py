@@ -25,6 +25,7 @@ from ._adaptive_batching import AdaptiveBatching
 from ._clipped_mean import ClippedMeanState, clipped_mean
 from ._errors import FuncaccumError
 from ._functional import functional_model
+from ._ghost import Ghost, ghost
 from ._mean import MeanState, mean
 from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
 from ._reducer import Maximum, Reducer, Tracker
@@ -52,6 +53,7 @@ __all__ = [
     "ClippedMeanState",
     "FoldState",
     "FuncaccumError",
+    "Ghost",
     "Maximum",
     "MeanState",
     "MicrobatchGrads",
@@ -66,6 +68,7 @@ __all__ = [
     "finalize",
     "fold",
     "functional_model",
+    "ghost",
     "mean",
     "merge",
     "microbatch_grads",

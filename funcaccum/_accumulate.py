@@ -33,7 +33,7 @@ __all__ = [
     "microbatch_grads",
 ]
 
-Strategy = Literal["vmap", "scan", "chunked"]
+Strategy = Literal["vmap", "scan", "chunked"] | Any  # or a strategy object: ghost(module)
 Randomness = Literal["error", "different", "same"]
 LossFn = Callable[..., Any]
 _STRATEGIES = ("vmap", "scan", "chunked")
@@ -166,6 +166,7 @@ class _Folding(NamedTuple):
     """How one call folds its microbatches."""
 
     reducer: Reducer
+    loss_fn: LossFn
     value_and_grad: Callable[..., Any]
     strategy: Strategy
     chunk_size: int
@@ -198,6 +199,8 @@ def _fold_group(
     how: _Folding, state: FoldState, group: MicrobatchGroup, params: PyTree
 ) -> tuple[FoldState, Any]:
     """Fold one group of equal-size microbatches; also returns the per-microbatch outputs."""
+    if not isinstance(how.strategy, str):  # a strategy object, such as ghost(module)
+        return how.strategy.fold_group(how, state, group, params)
 
     def chunk_step(state: FoldState, chunk: PyTree) -> tuple[FoldState, Any]:
         batched = vmap(how.value_and_grad, in_dims=(None, 0, None), randomness=how.randomness)
@@ -266,10 +269,13 @@ def _check_options(
 ) -> None:
     if not isinstance(reducer, Reducer):
         raise FuncaccumError(f"reducer must be a funcaccum Reducer, got {type(reducer).__name__}")
-    if strategy not in _STRATEGIES:
-        raise FuncaccumError(f"strategy must be one of {_STRATEGIES}, got {strategy!r}")
-    if (strategy == "chunked") != (chunk_size is not None):
-        raise FuncaccumError("chunk_size is required by strategy='chunked' and only by it")
+    if isinstance(strategy, str) or not hasattr(strategy, "fold_group"):
+        if strategy not in _STRATEGIES:
+            raise FuncaccumError(
+                f"strategy must be one of {_STRATEGIES} or ghost(module), got {strategy!r}"
+            )
+        if (strategy == "chunked") != (chunk_size is not None):
+            raise FuncaccumError("chunk_size is required by strategy='chunked' and only by it")
     if chunk_size is not None and (
         isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
     ):
@@ -304,6 +310,7 @@ def _fold_with_outputs(
         state = init_fold_state(params, reducer)
     how = _Folding(
         reducer,
+        loss_fn,
         _value_and_grad(loss_fn, has_aux=has_aux, has_weight=has_weight),
         strategy,
         chunk_size or 1,

@@ -1,17 +1,20 @@
-"""The clipped mean reducer: clip each microbatch gradient, then average."""
+"""The clipped mean reducer: clip each microbatch gradient, then average; optionally add noise."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import optree
 import torch
 
 from ._errors import FuncaccumError
 from ._reducer import Maximum, Reducer, accumulator_like, as_units, merge_states, scalar_zeros
-from ._tree import PyTree, accum_dtype, tree_add_weighted, tree_scale
+from ._tree import PyTree, accum_dtype, tree_add, tree_scale, tree_weighted_sum
 
 __all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
+
+Denominator = float | Literal["weight"]
 
 
 class ClippedMeanState(NamedTuple):
@@ -36,31 +39,50 @@ def unit_norms(grads: PyTree, *, dtype: torch.dtype | None = None) -> torch.Tens
 
 
 def clipped_mean(
-    max_norm: float, *, denominator: float | None = None, accum_dtype: torch.dtype | None = None
+    max_norm: float,
+    *,
+    denominator: Denominator | None = None,
+    noise_multiplier: float = 0.0,
+    generator: torch.Generator | None = None,
+    accum_dtype: torch.dtype | None = None,
 ) -> Reducer:
     """Clip each microbatch gradient to global L2 norm ``max_norm``, then take the weighted mean.
 
     Microbatch ``i`` contributes ``w_i * min(1, max_norm / |g_i|) * g_i``: the
     clip acts on each microbatch's own gradient, before accumulation, which is
-    what per-example clipping (DP-SGD, Abadi et al. 2016, "Deep Learning with
-    Differential Privacy") and robust averaging need. To clip the accumulated
-    gradient instead, reduce with :func:`mean` and put
-    :func:`funcaccum.optim.clip_by_global_norm` in the update rule. With a
-    ``max_norm`` no gradient reaches, this equals :func:`mean`.
+    what per-example clipping and robust averaging need. At
+    ``microbatch_size=1`` with ``noise_multiplier > 0`` this is the gradient
+    mechanism of DP-SGD (Abadi et al. 2016, "Deep Learning with Differential
+    Privacy"): Gaussian noise of standard deviation ``noise_multiplier *
+    max_norm`` is added to the clipped sum once per optimizer step (in
+    ``finalize``, never per microbatch), then the sum is divided by the
+    denominator. Privacy accounting is not included: feed ``noise_multiplier``,
+    the sampling rate and the step count to an accountant (Opacus has one).
 
+    To clip the accumulated gradient instead, reduce with :func:`mean` and put
+    :func:`funcaccum.optim.clip_by_global_norm` in the update rule. With a
+    ``max_norm`` no gradient reaches and no noise, this equals :func:`mean`.
     A microbatch whose norm is Inf or NaN makes the result NaN (it is never
     silently clipped to zero), so a non-finite guard sees it.
 
     Args:
         max_norm: the clipping threshold, > 0.
-        denominator: divide by this fixed number instead of the summed weight
-            (DP-SGD divides by the expected batch size).
+        denominator: ``"weight"`` divides by the summed weight (the real
+            example count); a number divides by that fixed number, as DP-SGD
+            must (the expected batch size under Poisson sampling, since the
+            real count is itself private). Default ``"weight"``; with noise,
+            the choice must be made explicitly.
+        noise_multiplier: the noise's standard deviation over ``max_norm``.
+        generator: draws the noise; default the global generator (seed it
+            with ``torch.manual_seed``; it is the one that compiles).
         accum_dtype: the dtype of the sums; default at least float32.
 
     Returns:
         A :class:`Reducer`; ``finalize`` gives ``(grads, stats)`` with stats
         ``clip_fraction`` (of microbatches with nonzero weight), ``norm_mean``
         and ``norm_max`` (before clipping) and ``clipped_norm_mean`` (after).
+        Its ``fold_by_norms`` serves strategies that compute norms without
+        materialising gradients (:func:`funcaccum.ghost`).
 
     Example:
         >>> reducer = clipped_mean(max_norm=1.0)
@@ -75,29 +97,42 @@ def clipped_mean(
     """
     if not max_norm > 0:
         raise FuncaccumError(f"max_norm must be > 0, got {max_norm!r}")
+    if noise_multiplier < 0:
+        raise FuncaccumError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if noise_multiplier > 0 and denominator is None:
+        raise FuncaccumError(
+            "with noise, choose the denominator explicitly: the expected batch size "
+            "(denominator=B, as DP-SGD needs) or denominator='weight' (the real count, which "
+            "is itself private under Poisson sampling)"
+        )
+    if isinstance(denominator, str) and denominator != "weight":
+        raise FuncaccumError(f"denominator must be a number or 'weight', got {denominator!r}")
     override = accum_dtype
 
     def init(params: PyTree) -> ClippedMeanState:
         zeros = scalar_zeros(params, 6, override)
         return ClippedMeanState(accumulator_like(params, override), *zeros[:5], Maximum(zeros[5]))
 
-    def fold(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
-        single = weight.ndim == 0
-        units, weight = as_units(grads, weight)
-        weight = weight.to(state.weight_sum.dtype)
-        norms = unit_norms(units, dtype=override).to(weight.dtype)
+    def fold_by_norms(
+        state: ClippedMeanState,
+        norms: torch.Tensor,
+        weights: torch.Tensor,
+        weighted_sum: Callable[[torch.Tensor], PyTree],
+    ) -> ClippedMeanState:
+        """Fold ``c`` units from their norms; ``weighted_sum(c)`` is ``sum_i c_i g_i``."""
+        weights = weights.to(state.weight_sum.dtype)
+        norms = norms.to(weights.dtype)
         # A non-finite norm gives a NaN factor, so it poisons the sum instead of vanishing.
         factor = torch.where(
             torch.isfinite(norms), torch.clamp(max_norm / norms, max=1.0), torch.nan
         )
-        active = weight != 0
-        coefficients = torch.where(active, weight * factor, 0)
+        active = weights != 0
         zero = torch.zeros_like(norms)
         return ClippedMeanState(
-            clipped_sum=tree_add_weighted(
-                state.clipped_sum, grads, coefficients[0] if single else coefficients
+            clipped_sum=tree_add(
+                state.clipped_sum, weighted_sum(torch.where(active, weights * factor, 0))
             ),
-            weight_sum=state.weight_sum + weight.sum(),
+            weight_sum=state.weight_sum + weights.sum(),
             unit_count=state.unit_count + active.sum(),
             clipped_count=state.clipped_count + (active & (norms > max_norm)).sum(),
             norm_sum=state.norm_sum + torch.where(active, norms, zero).sum(),
@@ -108,14 +143,35 @@ def clipped_mean(
             ),
         )
 
+    def fold(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
+        units, weights = as_units(grads, weight)
+        norms = unit_norms(units, dtype=override)
+
+        def weighted_sum(coefficients: torch.Tensor) -> PyTree:
+            total = tree_weighted_sum(units, coefficients, dtype=override)
+            return optree.tree_map(lambda t, a: t.to(a.dtype), total, state.clipped_sum)
+
+        return fold_by_norms(state, norms, weights, weighted_sum)
+
     def finalize(state: ClippedMeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
-        divisor = state.weight_sum if denominator is None else denominator
+        total = state.clipped_sum
+        if noise_multiplier > 0:
+            std = noise_multiplier * max_norm
+            total = optree.tree_map(
+                lambda s: (
+                    s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
+                    if generator is not None
+                    else s + std * torch.randn_like(s)
+                ),
+                total,
+            )
+        divisor = state.weight_sum if denominator in (None, "weight") else denominator
         units = state.unit_count
-        return tree_scale(state.clipped_sum, 1 / divisor), {
+        return tree_scale(total, 1 / divisor), {
             "clip_fraction": state.clipped_count / units,
             "norm_mean": state.norm_sum / units,
             "norm_max": state.norm_max.value,
             "clipped_norm_mean": state.clipped_norm_sum / units,
         }
 
-    return Reducer(init, fold, merge_states, finalize)
+    return Reducer(init, fold, merge_states, finalize, fold_by_norms=fold_by_norms)

@@ -58,6 +58,11 @@ class Reducer(NamedTuple):
         merge: ``merge(a, b) -> state``.
         finalize: ``finalize(state) -> (grads, stats)``.
         track: statistics kept across optimizer steps, or None.
+        fold_by_norms: for reducers that need only each unit's gradient norm
+            and a weighted sum of the gradients, ``fold_by_norms(state, norms,
+            weights, weighted_sum) -> state`` where ``weighted_sum(c)`` returns
+            ``sum_i c_i g_i``; strategies that never materialise per-unit
+            gradients (:func:`funcaccum.ghost`) use it. None if unsupported.
     """
 
     init: Callable[[PyTree], Any]
@@ -65,6 +70,7 @@ class Reducer(NamedTuple):
     merge: Callable[[Any, Any], Any]
     finalize: Callable[[Any], tuple[PyTree, Stats]]
     track: Tracker | None = None
+    fold_by_norms: Callable[..., Any] | None = None
 
 
 class Maximum(NamedTuple):

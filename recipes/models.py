@@ -82,6 +82,10 @@ class CharTransformer(nn.Module):
         self.head = nn.Linear(dim, vocab)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[-1], device=tokens.device)
+        # Per example, not shared: per-example gradient methods need a batch dimension
+        # (and Opacus needs it contiguous).
+        positions = (
+            torch.arange(tokens.shape[-1], device=tokens.device).expand_as(tokens).contiguous()
+        )
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         return self.head(self.norm(self.blocks(x)))
