@@ -120,7 +120,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def speed_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
+def speed_configs(device: str, smoke: bool, ks: set[int] | None = None) -> list[dict[str, Any]]:
     if smoke:
         base = {"part": "speed", "device": device, "microbatch": 4, "repeat": 3}
         return [
@@ -134,12 +134,13 @@ def speed_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
             }
         ]
     configs = []
-    for model, ks, microbatch in (
+    chosen_ks = ks
+    for model, model_ks, microbatch in (
         ("mlp", (1, 4, 8, 16), 32),
         ("mlp-wide", (8,), 32),
         ("transformer", (1, 4, 16), 8),
     ):
-        for k in ks:
+        for k in (k for k in model_ks if chosen_ks is None or k in chosen_ks):
             for strategy, compiled in (("scan", False), ("scan", True), ("vmap", True)):
                 configs.append(
                     {
@@ -155,8 +156,10 @@ def speed_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
     return configs
 
 
-def memory_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
-    ks = (1, 4) if smoke else (1, 2, 4, 16, 64)
+def memory_configs(
+    device: str, smoke: bool, ks: set[int] | None = None, strategies: set[str] | None = None
+) -> list[dict[str, Any]]:
+    ks = (1, 4) if smoke else tuple(k for k in (1, 2, 4, 16, 64) if ks is None or k in ks)
     sizes = (8, 16, 4) if smoke else (512, 2048, 2048, 512)
     return [
         {
@@ -171,6 +174,7 @@ def memory_configs(device: str, smoke: bool) -> list[dict[str, Any]]:
             "compiled": not smoke,
         }
         for strategy in ("scan", "chunked", "vmap")
+        if strategies is None or strategy in strategies
         for k in ks
     ]
 
@@ -182,19 +186,23 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, eager only: checks the script runs"
     )
+    parser.add_argument("--ks", help="only these K, comma-separated (a shorter run)")
+    parser.add_argument("--strategies", help="memory part: only these strategies, comma-separated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
+    ks = {int(k) for k in args.ks.split(",")} if args.ks else None
+    strategies = set(args.strategies.split(",")) if args.strategies else None
     results: dict[str, Any] = {
         "environment": environment(args.device),
         "command": " ".join(sys.argv),
     }
     if args.part in ("all", "speed"):
         rows, results["speed"] = [], []
-        for config in speed_configs(args.device, args.smoke):
+        for config in speed_configs(args.device, args.smoke, ks):
             out = run_worker(__file__, config)
             results["speed"].append({**config, **out})
             side = f"{config['strategy']} {'compiled' if config['compiled'] else 'eager'}"
@@ -216,7 +224,7 @@ def main() -> None:
         )
     if args.part in ("all", "memory"):
         rows, results["memory"] = [], []
-        for config in memory_configs(args.device, args.smoke):
+        for config in memory_configs(args.device, args.smoke, ks, strategies):
             out = run_worker(__file__, config)
             results["memory"].append({**config, **out})
             rows.append(

@@ -9,7 +9,7 @@ large-batch gradient;
 into one pure, compilable training step.
 """
 
-from . import optim
+from . import distributed, optim
 from ._accumulate import (
     Accumulated,
     FoldState,
@@ -17,6 +17,7 @@ from ._accumulate import (
     accumulate,
     finalize,
     fold,
+    init_fold,
     merge,
     microbatch_grads,
 )
@@ -65,10 +66,12 @@ __all__ = [
     "accumulate",
     "adaptive",
     "clipped_mean",
+    "distributed",
     "finalize",
     "fold",
     "functional_model",
     "ghost",
+    "init_fold",
     "mean",
     "merge",
     "microbatch_grads",

@@ -28,7 +28,7 @@ __all__ = [
     "accumulate",
     "finalize",
     "fold",
-    "init_fold_state",
+    "init_fold",
     "merge",
     "microbatch_grads",
 ]
@@ -307,7 +307,7 @@ def _fold_with_outputs(
         batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size
     )
     if state is None:
-        state = init_fold_state(params, reducer)
+        state = init_fold(params, reducer=reducer)
     how = _Folding(
         reducer,
         loss_fn,
@@ -324,8 +324,16 @@ def _fold_with_outputs(
     return state, _concat(outputs)
 
 
-def init_fold_state(params: PyTree, reducer: Reducer) -> FoldState:
-    """An empty :class:`FoldState` for ``params``."""
+def init_fold(params: PyTree, *, reducer: Reducer | None = None) -> FoldState:
+    """An empty :class:`FoldState` for ``params``: what :func:`fold` starts from.
+
+    A process with no examples in a step contributes this to the merge.
+
+    >>> state = init_fold({"w": torch.zeros(3)})
+    >>> state.weight_sum
+    tensor(0.)
+    """
+    reducer = mean() if reducer is None else reducer
     return FoldState(reducer.init(params), *scalar_zeros(params, 2))
 
 

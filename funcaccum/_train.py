@@ -16,7 +16,7 @@ from ._accumulate import (
     _check_options,
     _fold_with_outputs,
     finalize,
-    init_fold_state,
+    init_fold,
 )
 from ._errors import FuncaccumError
 from ._mean import mean
@@ -109,7 +109,7 @@ class TrainStep:
 
     def init_fold(self, state: TrainState) -> FoldState:
         """An empty accumulation for one optimizer step from ``state``."""
-        return init_fold_state(state.params, self.reducer)
+        return init_fold(state.params, reducer=self.reducer)
 
     def fold(self, state: TrainState, batch: PyTree, folded: FoldState | None = None) -> FoldState:
         """Fold ``batch``'s microbatches into ``folded`` (pure; auxiliary outputs are dropped)."""
@@ -179,15 +179,8 @@ class TrainStep:
             metrics["learning_rate"] = rates["learning_rate"]
         return new_state, metrics
 
-    def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
-        """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
-        # Checked eagerly, so a malformed batch gets its plain error even when compiled.
-        plan_microbatches(
-            batch_size(batch),
-            num_microbatches=self.microbatching["num_microbatches"],
-            microbatch_size=self.microbatching["microbatch_size"],
-        )
-        state, metrics = self._run(state, batch)
+    def check_skips(self, state: TrainState, metrics: Metrics) -> None:
+        """Raise :class:`FuncaccumError` after ``max_consecutive_skips`` skipped steps in a row."""
         limit = self.max_consecutive_skips
         if limit is not None and int(state.consecutive_skips) >= limit:
             raise FuncaccumError(
@@ -197,6 +190,17 @@ class TrainStep:
                 f"the params are those of step {int(state.step)}, the last finite one. Lower the "
                 "learning rate, check the data for NaN or Inf, or raise max_consecutive_skips."
             )
+
+    def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
+        """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
+        # Checked eagerly, so a malformed batch gets its plain error even when compiled.
+        plan_microbatches(
+            batch_size(batch),
+            num_microbatches=self.microbatching["num_microbatches"],
+            microbatch_size=self.microbatching["microbatch_size"],
+        )
+        state, metrics = self._run(state, batch)
+        self.check_skips(state, metrics)
         return state, metrics
 
 

@@ -54,8 +54,8 @@ def _plain(value: Any) -> Any:
 class Recipe:
     """Progress bar, metrics log and summary table for one recipe run."""
 
-    def __init__(self, title: str, args: argparse.Namespace) -> None:
-        self.title, self.args = title, args
+    def __init__(self, title: str, args: argparse.Namespace, *, show: bool = True) -> None:
+        self.title, self.args, self.show = title, args, show
         # Not a terminal (a pipe, a CI log): wide enough that tables do not wrap.
         self.console = Console(width=None if sys.stdout.isatty() else 120)
         self._metrics_file: TextIO | None = None
@@ -101,9 +101,10 @@ class Recipe:
             table.add_column(column, justify="left" if i == 0 else "right")
         for row in rows:
             table.add_row(*[_format(v) for v in row])
-        self.console.print(table)
-        for note in notes:
-            self.console.print(note)
+        if self.show:
+            self.console.print(table)
+            for note in notes:
+                self.console.print(note)
         if self.args.summary is not None:
             self.args.summary.parent.mkdir(parents=True, exist_ok=True)
             self.args.summary.write_text(

@@ -18,14 +18,22 @@ STRATEGIES = [
 ]
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.fixture(autouse=True)
 def fresh_dynamo() -> None:
     torch._dynamo.reset()
 
 
+def on(device: str, tree: dict) -> dict:
+    return {k: on(device, v) if isinstance(v, dict) else v.to(device) for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", STRATEGIES)
-def test_strategy_compiles_whole_and_matches_eager(options: dict) -> None:
-    params = mlp_params(torch.float32)
+def test_strategy_compiles_whole_and_matches_eager(options: dict, device: str) -> None:
+    params = on(device, mlp_params(torch.float32))
     reducer = fa.clipped_mean(0.5)
 
     def step(params: dict, batch: dict) -> fa.Accumulated:
@@ -35,22 +43,23 @@ def test_strategy_compiles_whole_and_matches_eager(options: dict) -> None:
 
     compiled = torch.compile(step, fullgraph=True)
     for seed in (1, 2):  # a second batch reuses the graph
-        batch = classification_batch(23, torch.float32, seed=seed)
+        batch = on(device, classification_batch(23, torch.float32, seed=seed))
         got, want = compiled(params, batch), step(params, batch)
         assert_trees_allclose(got.grads, want.grads, rtol=1e-4, atol=1e-6)
         assert_trees_allclose(got.stats, want.stats, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got.loss, want.loss)
 
 
-def test_train_step_compiles_whole_matches_eager_and_never_recompiles() -> None:
-    params = mlp_params(torch.float32)
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_step_compiles_whole_matches_eager_and_never_recompiles(device: str) -> None:
+    params = on(device, mlp_params(torch.float32))
     schedule = fa.optim.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20)
     eager = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4)
     compiled = fa.train_step(
         mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4, compile=True
     )
     eager_state, state = eager.init(params), compiled.init(params)
-    batches = [classification_batch(24, torch.float32, seed=s) for s in range(3)]
+    batches = [on(device, classification_batch(24, torch.float32, seed=s)) for s in range(3)]
     state, metrics = compiled(state, batches[0])  # the one compile
     eager_state, _ = eager(eager_state, batches[0])
     rates = [metrics["learning_rate"].item()]
@@ -74,4 +83,4 @@ def test_train_step_compiles_whole_matches_eager_and_never_recompiles() -> None:
         torch.compiler.set_stance("fail_on_recompile"),
         pytest.raises(RuntimeError, match="recompile"),
     ):
-        compiled(state, classification_batch(28, torch.float32))
+        compiled(state, on(device, classification_batch(28, torch.float32)))

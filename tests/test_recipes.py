@@ -97,3 +97,43 @@ def test_char_lm_compiles_and_weights_tokens(tmp_path: Path) -> None:
     tokens = [m["tokens"] for m in result["metrics"]]
     assert len(set(tokens)) > 1  # each batch holds its own number of real tokens
     assert all(t <= 64 * 32 for t in tokens)
+
+
+def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
+    summary = tmp_path / "summary.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            _free_port(),
+            str(ROOT / "recipes" / "data_parallel.py"),
+            "--smoke",
+            "--quiet",
+            "--summary",
+            str(summary),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("Data parallel on 2 processes") == 1  # rank 0 alone prints
+    rows = {row[0]: row[1] for row in json.loads(summary.read_text())["rows"]}
+    assert rows["all-reduces per step"] == 1
+    assert rows["params bit-identical on every rank"] is True
+    assert rows["examples per step"] == 64
+
+
+def _free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

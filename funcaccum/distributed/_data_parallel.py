@@ -1,0 +1,196 @@
+"""Data parallelism on torch.distributed: one all-reduce of the reducer state per optimizer step."""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any
+
+import optree
+import torch
+import torch.distributed as dist
+
+from .._accumulate import FoldState
+from .._errors import FuncaccumError
+from .._reducer import Maximum
+from .._train import Metrics, TrainState, TrainStep
+from .._tree import PyTree
+
+__all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
+
+
+def _is_maximum(x: Any) -> bool:
+    return isinstance(x, Maximum)
+
+
+def _wait(work: Any, timeout: float | None, what: str) -> None:
+    start = time.monotonic()
+    try:
+        if timeout is None:
+            work.wait()
+        else:
+            work.wait(timeout=datetime.timedelta(seconds=timeout))
+    except RuntimeError as error:
+        elapsed = time.monotonic() - start
+        raise FuncaccumError(
+            f"rank {dist.get_rank()}: {what} failed after {elapsed:.1f} s (timeout "
+            f"{timeout} s): a peer process died or stalled. Stop every rank and resume them "
+            f"all from the last checkpoint (docs/scaling.md). The backend said: {error}"
+        ) from error
+
+
+def all_reduce_state(
+    state: PyTree, *, group: Any = None, timeout: float | None = None, what: str = "the all-reduce"
+) -> PyTree:
+    """Sum a reducer state (or a :class:`~funcaccum.FoldState`) over the ranks of ``group``.
+
+    Every leaf is added across ranks, except :class:`~funcaccum.Maximum`
+    fields, which take the maximum; both travel in **one** collective per
+    dtype (one in all for funcaccum's reducers, whose states share a dtype):
+    the leaves are flattened into one buffer, and each maximum sits in its
+    rank's own slot of a ``world_size``-long segment, zero elsewhere, so the
+    sum delivers every rank's value and the maximum is taken after.
+
+    Args:
+        state: the pytree of tensors to merge.
+        group: the process group (default: the world).
+        timeout: seconds to wait before raising :class:`FuncaccumError`.
+        what: names the collective in that error.
+
+    Returns:
+        The merged state, the same on every rank.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    leaves, treedef = optree.tree_flatten(state, is_leaf=_is_maximum)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        value = leaf.value if _is_maximum(leaf) else leaf
+        by_dtype.setdefault(value.dtype, []).append(i)
+    merged: list[Any] = list(leaves)
+    for dtype, indices in by_dtype.items():
+        parts = []
+        for i in indices:
+            leaf = leaves[i]
+            if _is_maximum(leaf):
+                slots = torch.zeros(
+                    (world, leaf.value.numel()), dtype=dtype, device=leaf.value.device
+                )
+                slots[rank] = leaf.value.reshape(-1)
+                parts.append(slots.reshape(-1))
+            else:
+                parts.append(leaf.reshape(-1))
+        buffer = torch.cat(parts)
+        _wait(
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True), timeout, what
+        )
+        offset = 0
+        for i in indices:
+            leaf = leaves[i]
+            value = leaf.value if _is_maximum(leaf) else leaf
+            size = value.numel() * (world if _is_maximum(leaf) else 1)
+            chunk = buffer[offset : offset + size]
+            offset += size
+            if _is_maximum(leaf):
+                merged[i] = Maximum(chunk.view(world, -1).amax(0).view(value.shape))
+            else:
+                merged[i] = chunk.view(value.shape).clone()
+    return optree.tree_unflatten(treedef, merged)
+
+
+def broadcast_state(
+    state: PyTree, *, src: int = 0, group: Any = None, timeout: float | None = None
+) -> PyTree:
+    """Every rank's copy of ``state`` replaced by rank ``src``'s (one collective per dtype)."""
+    leaves, treedef = optree.tree_flatten(state)
+    out: list[torch.Tensor] = list(leaves)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        by_dtype.setdefault(leaf.dtype, []).append(i)
+    for indices in by_dtype.values():
+        buffer = torch.cat([leaves[i].reshape(-1) for i in indices])
+        _wait(dist.broadcast(buffer, src=src, group=group, async_op=True), timeout, "the broadcast")
+        offset = 0
+        for i in indices:
+            size = leaves[i].numel()
+            out[i] = buffer[offset : offset + size].view(leaves[i].shape).clone()
+            offset += size
+    return optree.tree_unflatten(treedef, out)
+
+
+class DataParallel:
+    """A :class:`~funcaccum.TrainStep` across processes, with one all-reduce per optimizer step.
+
+    Each rank folds the microbatches of its own share of the batch
+    (:meth:`TrainStep.fold`), one all-reduce sums the folded states (states
+    are sums, so merging is addition; see :func:`all_reduce_state`), and every
+    rank applies the same update (:meth:`TrainStep.apply`), so the params stay
+    identical. That is one collective per optimizer step whatever the number
+    of microbatches, where DDP without ``no_sync`` all-reduces once per
+    microbatch. The result is the exact global weighted mean, for any
+    reducer, also when ranks hold different numbers of examples; a rank with
+    none passes ``None`` and still takes part, so nobody waits forever.
+
+    When a peer dies or stalls, the collective fails or times out after
+    ``timeout`` seconds, and every surviving rank raises :class:`FuncaccumError`
+    instead of hanging.
+
+    Args:
+        step: the training step, from :func:`~funcaccum.train_step`.
+        group: the process group (default: the world, which must be initialised).
+        timeout: seconds a collective may wait for the other ranks.
+        compile: compile ``fold`` and ``apply`` with ``torch.compile(fullgraph=True)``
+            (the collective runs between them, eagerly).
+
+    Example (in each process started by ``torchrun --nproc-per-node 2``)::
+
+        dist.init_process_group("gloo")
+        step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(1e-3), num_microbatches=4)
+        parallel = fa.distributed.DataParallel(step, timeout=60)
+        state = parallel.init(params)            # rank 0's params, everywhere
+        for batch in batches:
+            local = shard(batch, dist.get_rank(), dist.get_world_size())
+            state, metrics = parallel(state, local)
+    """
+
+    def __init__(
+        self,
+        step: TrainStep,
+        *,
+        group: Any = None,
+        timeout: float | None = 300.0,
+        compile: bool = False,
+    ) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise FuncaccumError(
+                "DataParallel needs torch.distributed initialised: call "
+                "torch.distributed.init_process_group first (torchrun sets the environment)"
+            )
+        self.step, self.group, self.timeout = step, group, timeout
+        self.calls = 0  # optimizer steps attempted, to name one in an error
+
+        def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(fn, fullgraph=True) if compile else fn
+
+        self._fold, self._apply = maybe_compile(step.fold), maybe_compile(step.apply)
+
+    def init(self, params: PyTree) -> TrainState:
+        """The step's initial state, built from rank 0's params on every rank."""
+        params = broadcast_state(
+            optree.tree_map(torch.Tensor.detach, params), group=self.group, timeout=self.timeout
+        )
+        return self.step.init(params)
+
+    def __call__(self, state: TrainState, local_batch: PyTree | None) -> tuple[TrainState, Metrics]:
+        """One optimizer step on every rank's local batch (None: this rank has no examples)."""
+        folded: FoldState = (
+            self.step.init_fold(state)
+            if local_batch is None
+            else self._fold(state, local_batch, None)
+        )
+        self.calls += 1
+        what = f"the all-reduce of optimizer step {self.calls} (since init)"
+        folded = all_reduce_state(folded, group=self.group, timeout=self.timeout, what=what)
+        state, metrics = self._apply(state, folded)
+        self.step.check_skips(state, metrics)
+        return state, metrics

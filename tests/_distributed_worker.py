@@ -1,0 +1,144 @@
+"""One rank of the distributed tests: python _distributed_worker.py RANK WORLD PORT SCENARIO OUT."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import classification_batch, mlp_loss, mlp_params
+
+import funcaccum as fa
+
+REDUCERS = {"mean": fa.mean, "clipped": lambda: fa.clipped_mean(0.3), "adaptive": fa.adaptive}
+COLLECTIVES = (
+    "all_reduce",
+    "broadcast",
+    "all_gather",
+    "reduce_scatter",
+    "reduce",
+    "gather",
+    "scatter",
+)
+
+
+def count_collectives() -> dict[str, int]:
+    """Wrap torch.distributed's collectives so every call is counted."""
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    for name in COLLECTIVES:
+        original = getattr(dist, name)
+
+        def counted(
+            *args: object, _name: str = name, _original: object = original, **kwargs: object
+        ) -> object:
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(dist, name, counted)
+    return counts
+
+
+def shard(batch: dict, rank: int, sizes: list[int]) -> dict | None:
+    start = sum(sizes[:rank])
+    if sizes[rank] == 0:
+        return None
+    return {k: v[start : start + sizes[rank]] for k, v in batch.items()}
+
+
+def main() -> None:
+    rank, world, port, scenario, out = (
+        int(sys.argv[1]),
+        int(sys.argv[2]),
+        sys.argv[3],
+        sys.argv[4],
+        Path(sys.argv[5]),
+    )
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    counts = count_collectives()
+    params, batch = mlp_params(), classification_batch(20)
+    result: dict[str, object] = {}
+    if scenario == "exact":
+        # per-rank sizes: aligned microbatches of 2 (14 + 6), uneven (13 + 7), an empty rank
+        for split in ([14, 6], [13, 7], [20, 0]):
+            for name, make in REDUCERS.items():
+                if name != "mean" and split == [13, 7]:
+                    continue  # clipping and noise statistics depend on microbatch boundaries
+                reducer = make()
+                local = shard(batch, rank, split)
+                if local is None:
+                    folded = fa.init_fold(params, reducer=reducer)
+                else:
+                    folded = fa.fold(mlp_loss, params, local, reducer=reducer, microbatch_size=2)
+                before = dict(counts)
+                merged = fa.distributed.all_reduce_state(folded, timeout=30)
+                assert sum(counts.values()) - sum(before.values()) == 1, counts
+                out_of = fa.finalize(merged, reducer=reducer)
+                result[f"{split}-{name}"] = (out_of.grads, out_of.loss, out_of.stats)
+    elif scenario == "train":
+        step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
+        parallel = fa.distributed.DataParallel(step, timeout=30)
+        torch.manual_seed(rank)  # different local params: init must broadcast rank 0's
+        state = parallel.init(fa.tree_scale(mlp_params(), 1.0 + rank))
+        counts_after_init = dict(counts)
+        sizes = [12, 8]
+        for i in range(20):
+            local = shard(classification_batch(20, seed=i), rank, sizes)
+            state, metrics = parallel(state, local)
+        per_step = {k: (counts[k] - counts_after_init[k]) / 20 for k in COLLECTIVES}
+        result = {
+            "params": state.params,
+            "per_step": per_step,
+            "loss": metrics["loss"],
+            "step": state.step,
+        }
+    elif scenario == "killed":
+        step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
+        parallel = fa.distributed.DataParallel(
+            step, timeout=float(os.environ.get("FA_TIMEOUT", "5"))
+        )
+        state = parallel.init(params)
+        for i in range(10):
+            if rank == 1 and i == 3:
+                os._exit(17)  # a crash: no collective, no goodbye
+            start = time.monotonic()
+            try:
+                state, _ = parallel(state, shard(batch, rank, [10, 10]))
+            except fa.FuncaccumError as error:
+                result = {
+                    "failed_at": i,
+                    "seconds": time.monotonic() - start,
+                    "message": str(error),
+                }
+                break
+    elif scenario == "stalled":
+        step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
+        parallel = fa.distributed.DataParallel(step, timeout=3.0)
+        state = parallel.init(params)
+        if rank == 1:
+            time.sleep(20)  # alive, but not joining the step
+            os._exit(0)
+        start = time.monotonic()
+        try:
+            parallel(state, shard(batch, rank, [10, 10]))
+        except fa.FuncaccumError as error:
+            result = {"seconds": time.monotonic() - start, "message": str(error)}
+        torch.save(result, out / f"rank{rank}.pt")
+        os._exit(0)  # the peer is gone: no orderly shutdown
+    torch.save(result, out / f"rank{rank}.pt")
+    if scenario != "killed":
+        dist.destroy_process_group()
+    else:
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

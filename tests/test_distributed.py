@@ -1,0 +1,130 @@
+"""Data parallelism: two gloo processes on loopback, as torchrun would start them."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import classification_batch, mlp_loss, mlp_params
+
+import funcaccum as fa
+from funcaccum.testing import assert_trees_allclose, assert_trees_equal
+
+WORKER = Path(__file__).resolve().parent / "_distributed_worker.py"
+pytestmark = pytest.mark.skipif(
+    not dist.is_available(), reason="torch.distributed is not available"
+)
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(
+    scenario: str, tmp_path: Path, timeout: float = 240
+) -> tuple[list[dict[str, Any]], list[int], float]:
+    port, start = free_port(), time.monotonic()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), "2", port, scenario, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    codes = []
+    for process in processes:
+        _, err = process.communicate(timeout=timeout)
+        codes.append(process.returncode)
+        if process.returncode not in (0, 17):
+            raise AssertionError(f"{scenario} rank failed:\n{err[-3000:]}")
+    results = [
+        torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        if (tmp_path / f"rank{r}.pt").exists()
+        else {}
+        for r in range(2)
+    ]
+    return results, codes, time.monotonic() - start
+
+
+def test_merged_states_equal_single_process_accumulation(tmp_path: Path) -> None:
+    """Every reducer, aligned and uneven ranks, and a rank with no examples; one collective each."""
+    results, _, _ = launch("exact", tmp_path)
+    params, batch = mlp_params(), classification_batch(20)
+    for key, (grads, loss, stats) in results[0].items():
+        name = key.split("-")[-1]
+        reducer = {"mean": fa.mean(), "clipped": fa.clipped_mean(0.3), "adaptive": fa.adaptive()}[
+            name
+        ]
+        expected = fa.accumulate(mlp_loss, params, batch, reducer=reducer, microbatch_size=2)
+        assert_trees_allclose(grads, expected.grads, rtol=1e-10, atol=1e-13, check_dtype=False)
+        torch.testing.assert_close(loss, expected.loss, rtol=1e-12, atol=0)
+        keys = [k for k in expected.stats if k != "efficiency" or name != "adaptive"]
+        assert_trees_allclose(
+            {k: stats[k] for k in keys},
+            {k: expected.stats[k] for k in keys},
+            rtol=1e-10,
+            atol=1e-12,
+        )
+        assert_trees_equal(results[1][key][0], grads)  # the same bits on both ranks
+    assert len(results[0]) == 7  # 3 reducers aligned, mean uneven, 3 reducers with an empty rank
+
+
+def test_training_keeps_ranks_bit_identical_with_one_collective_per_step(tmp_path: Path) -> None:
+    results, _, _ = launch("train", tmp_path)
+    assert_trees_equal(results[0]["params"], results[1]["params"])
+    assert results[0]["step"].item() == 20
+    assert results[0]["per_step"] == {
+        "all_reduce": 1.0,
+        "broadcast": 0.0,
+        "all_gather": 0.0,
+        "reduce_scatter": 0.0,
+        "reduce": 0.0,
+        "gather": 0.0,
+        "scatter": 0.0,
+    }
+    # The same 20 steps in one process, on the global batches, agree with the distributed run.
+    step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
+    state = step.init(mlp_params())
+    for i in range(20):
+        batch = classification_batch(20, seed=i)
+        folded = fa.merge(
+            step.fold(state, {k: v[:12] for k, v in batch.items()}),
+            step.fold(state, {k: v[12:] for k, v in batch.items()}),
+        )
+        state, _ = step.apply(state, folded)
+    assert_trees_allclose(results[0]["params"], state.params, rtol=1e-10, atol=1e-12)
+
+
+def test_a_killed_rank_makes_the_survivor_fail_clearly(tmp_path: Path) -> None:
+    results, codes, _ = launch("killed", tmp_path)
+    assert codes[1] == 17
+    survivor = results[0]
+    assert survivor["failed_at"] == 3
+    assert survivor["seconds"] < 5 + 2  # the timeout, with room for a slow machine
+    assert "rank 0: the all-reduce of optimizer step 4 (since init) failed" in survivor["message"]
+    assert "a peer process died or stalled" in survivor["message"]
+    assert "resume them all from the last checkpoint" in survivor["message"]
+
+
+def test_a_stalled_rank_times_out(tmp_path: Path) -> None:
+    results, _, _ = launch("stalled", tmp_path)
+    survivor = results[0]
+    assert 2.5 < survivor["seconds"] < 3 + 3
+    assert "timeout 3.0 s" in survivor["message"]
+
+
+def test_data_parallel_needs_an_initialised_process_group() -> None:
+    step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1))
+    with pytest.raises(fa.FuncaccumError, match="init_process_group"):
+        fa.distributed.DataParallel(step)
