@@ -120,7 +120,9 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def speed_configs(device: str, smoke: bool, ks: set[int] | None = None) -> list[dict[str, Any]]:
+def speed_configs(
+    device: str, smoke: bool, ks: set[int] | None = None, models: set[str] | None = None
+) -> list[dict[str, Any]]:
     if smoke:
         base = {"part": "speed", "device": device, "microbatch": 4, "repeat": 3}
         return [
@@ -140,6 +142,8 @@ def speed_configs(device: str, smoke: bool, ks: set[int] | None = None) -> list[
         ("mlp-wide", (8,), 32),
         ("transformer", (1, 4, 16), 8),
     ):
+        if models is not None and model not in models:
+            continue
         for k in (k for k in model_ks if chosen_ks is None or k in chosen_ks):
             for strategy, compiled in (("scan", False), ("scan", True), ("vmap", True)):
                 configs.append(
@@ -187,6 +191,7 @@ def main() -> None:
         "--smoke", action="store_true", help="tiny sizes, eager only: checks the script runs"
     )
     parser.add_argument("--ks", help="only these K, comma-separated (a shorter run)")
+    parser.add_argument("--models", help="speed part: only these models, comma-separated")
     parser.add_argument("--strategies", help="memory part: only these strategies, comma-separated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,8 +207,10 @@ def main() -> None:
     }
     if args.part in ("all", "speed"):
         rows, results["speed"] = [], []
-        for config in speed_configs(args.device, args.smoke, ks):
+        models = set(args.models.split(",")) if args.models else None
+        for config in speed_configs(args.device, args.smoke, ks, models):
             out = run_worker(__file__, config)
+            print(json.dumps({**config, **out}), flush=True)
             results["speed"].append({**config, **out})
             side = f"{config['strategy']} {'compiled' if config['compiled'] else 'eager'}"
             rows.append(
@@ -226,6 +233,7 @@ def main() -> None:
         rows, results["memory"] = [], []
         for config in memory_configs(args.device, args.smoke, ks, strategies):
             out = run_worker(__file__, config)
+            print(json.dumps({**config, **out}), flush=True)
             results["memory"].append({**config, **out})
             rows.append(
                 [

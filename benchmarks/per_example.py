@@ -152,6 +152,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batches", default="64,512", help="batch sizes, comma-separated")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -163,9 +164,10 @@ def main() -> None:
     }
     rows, results["runs"] = [], []
     for model in ("mlp", "conv", "transformer"):
-        for batch in (64, 512):
+        for batch in (int(b) for b in args.batches.split(",")):
             config = {"device": args.device, "model": model, "batch": batch}
             out = run_worker(__file__, config)
+            print(json.dumps({**config, "sides": out}), flush=True)
             results["runs"].append({**config, "sides": out})
             opacus = [v["ms"] for k, v in out.items() if k.startswith("opacus")]
             best_opacus = min(opacus) if opacus else float("nan")

@@ -172,6 +172,7 @@ def main() -> None:
     for model, k in (("mlp", 1), ("mlp", 8), ("mlp-wide", 8)):
         config = {"device": args.device, "model": model, "k": k, "microbatch": 32}
         out = run_worker(__file__, config)
+        print(json.dumps({**config, **out}), flush=True)
         results["runs"].append({**config, **out})
         best = min(out["funcaccum_vmap_ms"], out["funcaccum_scan_ms"])
         for side in ("loop_foreach", "loop_fused", "funcaccum_vmap", "funcaccum_scan", "jax"):
