@@ -28,6 +28,7 @@ __all__ = [
     "synchronize",
     "time_to_first_call",
     "timed_median_ms",
+    "write_results",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,15 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row])
     Console().print(table)
+
+
+def write_results(name: str, results: dict[str, Any]) -> None:
+    """Save a benchmark's results (environment and command included) as results/NAME.json."""
+    out_dir = ROOT / "benchmarks" / "results"
+    out_dir.mkdir(exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(results, indent=1))
+    print(f"wrote {path.relative_to(ROOT)}")
 
 
 def run_worker(script: str, config: dict[str, Any], timeout: float = 900) -> dict[str, Any]:

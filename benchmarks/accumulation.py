@@ -22,13 +22,13 @@ from typing import Any
 
 import torch
 from _common import (
-    ROOT,
     environment,
     peak_memory,
     print_table,
     run_worker,
     time_to_first_call,
     timed_median_ms,
+    write_results,
 )
 from torch import nn
 
@@ -250,11 +250,7 @@ def main() -> None:
             rows,
         )
     if not args.smoke:
-        out_dir = ROOT / "benchmarks" / "results"
-        out_dir.mkdir(exist_ok=True)
-        path = out_dir / f"accumulation-{args.device}-{args.part}.json"
-        path.write_text(json.dumps(results, indent=1))
-        print(f"wrote {path.relative_to(ROOT)}")
+        write_results(f"accumulation-{args.device}-{args.part}", results)
 
 
 if __name__ == "__main__":

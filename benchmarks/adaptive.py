@@ -19,12 +19,17 @@ overhead.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
 import torch
-from _common import ROOT, environment, print_table, time_to_first_call, timed_median_ms
+from _common import (
+    environment,
+    print_table,
+    time_to_first_call,
+    timed_median_ms,
+    write_results,
+)
 from torch import nn
 
 import funcaccum as fa
@@ -175,11 +180,7 @@ def main() -> None:
             for name, value in times.items()
         ],
     )
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"adaptive-{args.device}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_results(f"adaptive-{args.device}", results)
 
 
 if __name__ == "__main__":

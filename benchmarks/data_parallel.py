@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _common import ROOT, environment, print_table, time_to_first_call, timed_median_ms
+from _common import (
+    environment,
+    print_table,
+    time_to_first_call,
+    timed_median_ms,
+    write_results,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -166,10 +172,7 @@ def main() -> None:
         rows,
     )
     record = {"environment": environment("cpu"), "command": " ".join(sys.argv), "results": results}
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(exist_ok=True)
-    (out_dir / "data_parallel-cpu.json").write_text(json.dumps(record, indent=1))
-    print("wrote benchmarks/results/data_parallel-cpu.json")
+    write_results("data_parallel-cpu", record)
 
 
 if __name__ == "__main__":

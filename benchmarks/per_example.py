@@ -27,13 +27,13 @@ from typing import Any
 
 import torch
 from _common import (
-    ROOT,
     environment,
     peak_memory,
     print_table,
     run_worker,
     time_to_first_call,
     timed_median_ms,
+    write_results,
 )
 from torch import nn
 from torch.nn import functional
@@ -188,11 +188,7 @@ def main() -> None:
         ["model", "batch", "side", "ms", "best Opacus ms / ms", "peak MiB", "first call s"],
         rows,
     )
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"per_example-{args.device}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_results(f"per_example-{args.device}", results)
 
 
 if __name__ == "__main__":

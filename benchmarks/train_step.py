@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 from _common import (
-    ROOT,
     environment,
     print_table,
     run_worker,
     time_to_first_call,
     timed_median_ms,
+    write_results,
 )
 from torch import nn
 
@@ -184,11 +184,7 @@ def main() -> None:
         ["model", "K", "side", "ms", "ms / best funcaccum", "first step s"],
         rows,
     )
-    out_dir = ROOT / "benchmarks" / "results"
-    out_dir.mkdir(exist_ok=True)
-    path = out_dir / f"train_step-{args.device}.json"
-    path.write_text(json.dumps(results, indent=1))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_results(f"train_step-{args.device}", results)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from itertools import pairwise
 from typing import Any
 
-import pytest
 import torch
 from torch.nn import functional
 
@@ -82,6 +82,8 @@ def token_weighted_loss(
     return (token_losses(params, batch) * mask).sum() / count, count
 
 
-@pytest.fixture
-def float64_mlp() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    return mlp_params(torch.float64), classification_batch(19, torch.float64)
+def free_port() -> str:
+    """A free TCP port on loopback, for test process groups."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import classification_batch, mlp_loss, mlp_params
+from conftest import classification_batch, free_port, mlp_loss, mlp_params
 
 import funcaccum as fa
 from funcaccum.testing import assert_trees_allclose, assert_trees_equal
@@ -21,12 +20,6 @@ WORKER = Path(__file__).resolve().parent / "_distributed_worker.py"
 pytestmark = pytest.mark.skipif(
     not dist.is_available(), reason="torch.distributed is not available"
 )
-
-
-def free_port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def launch(

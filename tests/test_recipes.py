@@ -9,16 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_recipe(name: str, tmp_path: Path, *flags: str) -> dict[str, Any]:
-    """Run ``python recipes/NAME.py --smoke``; return its summary (the final table, as JSON)."""
+def run_recipe(
+    name: str, tmp_path: Path, *flags: str, launcher: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Run ``python [LAUNCHER] recipes/NAME.py --smoke``; return its summary table, as JSON."""
     summary, metrics = tmp_path / "summary.json", tmp_path / "metrics.jsonl"
     completed = subprocess.run(
         [
             sys.executable,
+            *launcher,
             str(ROOT / "recipes" / f"{name}.py"),
             "--smoke",
             "--quiet",
@@ -36,6 +40,7 @@ def run_recipe(name: str, tmp_path: Path, *flags: str) -> dict[str, Any]:
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("┃") > 2, "the rich summary table was not printed"
     result = json.loads(summary.read_text())
+    result["stdout"] = completed.stdout
     result["metrics"] = [json.loads(line) for line in metrics.read_text().splitlines()]
     result["by_name"] = {
         row[0]: dict(zip(result["columns"], row, strict=True)) for row in result["rows"]
@@ -100,40 +105,19 @@ def test_char_lm_compiles_and_weights_tokens(tmp_path: Path) -> None:
 
 
 def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
-    summary = tmp_path / "summary.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-addr",
-            "127.0.0.1",
-            "--master-port",
-            _free_port(),
-            str(ROOT / "recipes" / "data_parallel.py"),
-            "--smoke",
-            "--quiet",
-            "--summary",
-            str(summary),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    torchrun = (
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        free_port(),
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    assert completed.stdout.count("Data parallel on 2 processes") == 1  # rank 0 alone prints
-    rows = {row[0]: row[1] for row in json.loads(summary.read_text())["rows"]}
+    result = run_recipe("data_parallel", tmp_path, launcher=torchrun)
+    assert result["stdout"].count("Data parallel on 2 processes") == 1  # rank 0 alone prints
+    rows = {row[0]: row[1] for row in result["rows"]}
     assert rows["all-reduces per step"] == 1
     assert rows["params bit-identical on every rank"] is True
     assert rows["examples per step"] == 64
-
-
-def _free_port() -> str:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
