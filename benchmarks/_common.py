@@ -21,6 +21,7 @@ from rich.table import Table
 
 __all__ = [
     "ROOT",
+    "alternating_medians_ms",
     "environment",
     "peak_memory",
     "print_table",
@@ -55,6 +56,25 @@ def timed_median_ms(
         synchronize(device)
         times.append(time.perf_counter() - start)
     return 1e3 * statistics.median(times)
+
+
+def alternating_medians_ms(
+    calls: dict[str, Callable[[], Any]],
+    *,
+    device: str = "cpu",
+    rounds: int = 5,
+    repeat: int = 20,
+) -> dict[str, float]:
+    """Each call's median ms over ``rounds`` rounds that time every call in turn.
+
+    Alternating the sides spreads a noisy machine's drift over all of them,
+    so their ratio means more than two back-to-back timings would.
+    """
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            times[name].append(timed_median_ms(call, device=device, repeat=repeat))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def time_to_first_call(fn: Callable[[], Any], device: str = "cpu") -> float:

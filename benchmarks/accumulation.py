@@ -22,12 +22,12 @@ from typing import Any
 
 import torch
 from _common import (
+    alternating_medians_ms,
     environment,
     peak_memory,
     print_table,
     run_worker,
     time_to_first_call,
-    timed_median_ms,
     write_results,
 )
 from torch import nn
@@ -101,13 +101,8 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"first_call_s": time_to_first_call(funcaccum_step, device)}
     repeat = config.get("repeat", 20)
     if config["part"] == "speed":
-        # Alternate the two sides so drift on a noisy machine hits both.
-        loop_ms, funcaccum_ms = [], []
-        for _ in range(3):
-            loop_ms.append(timed_median_ms(eager_loop, device=device, repeat=repeat))
-            funcaccum_ms.append(timed_median_ms(funcaccum_step, device=device, repeat=repeat))
-        result["loop_ms"] = sorted(loop_ms)[1]
-        result["funcaccum_ms"] = sorted(funcaccum_ms)[1]
+        calls = {"loop_ms": eager_loop, "funcaccum_ms": funcaccum_step}
+        result |= alternating_medians_ms(calls, device=device, rounds=3, repeat=repeat)
     else:
         funcaccum_step()
         with peak_memory(device) as memory:

@@ -24,10 +24,10 @@ from typing import Any
 
 import torch
 from _common import (
+    alternating_medians_ms,
     environment,
     print_table,
     time_to_first_call,
-    timed_median_ms,
     write_results,
 )
 from torch import nn
@@ -134,11 +134,7 @@ def overhead(device: str) -> dict[str, dict[str, float]]:
 
             time_to_first_call(call, device)
             calls[name] = call
-        rounds: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(3):
-            for name, call in calls.items():
-                rounds[name].append(timed_median_ms(call, device=device, repeat=30))
-        out[model] = {name: sorted(times)[1] for name, times in rounds.items()}
+        out[model] = alternating_medians_ms(calls, device=device, rounds=3, repeat=30)
     return out
 
 
