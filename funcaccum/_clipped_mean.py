@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import optree
 import torch
 
 from ._errors import FuncaccumError
-from ._reducer import Maximum, Reducer, accumulator_like, as_units, merge_states, scalar_zeros
+from ._reducer import (
+    Denominator,
+    Maximum,
+    Reducer,
+    accumulator_like,
+    as_units,
+    check_denominator,
+    divisor,
+    merge_states,
+    scalar_zeros,
+)
 from ._tree import PyTree, accum_dtype, tree_add, tree_scale, tree_weighted_sum
 
 __all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
-
-Denominator = float | Literal["weight"]
 
 
 class ClippedMeanState(NamedTuple):
@@ -105,8 +113,7 @@ def clipped_mean(
             "(denominator=B, as DP-SGD needs) or denominator='weight' (the real count, which "
             "is itself private under Poisson sampling)"
         )
-    if isinstance(denominator, str) and denominator != "weight":
-        raise FuncaccumError(f"denominator must be a number or 'weight', got {denominator!r}")
+    check_denominator(denominator)
     override = accum_dtype
 
     def init(params: PyTree) -> ClippedMeanState:
@@ -165,9 +172,8 @@ def clipped_mean(
                 ),
                 total,
             )
-        divisor = state.weight_sum if denominator in (None, "weight") else denominator
         units = state.unit_count
-        return tree_scale(total, 1 / divisor), {
+        return tree_scale(total, 1 / divisor(state.weight_sum, denominator)), {
             "clip_fraction": state.clipped_count / units,
             "norm_mean": state.norm_sum / units,
             "norm_max": state.norm_max.value,

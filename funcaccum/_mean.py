@@ -6,7 +6,15 @@ from typing import NamedTuple
 
 import torch
 
-from ._reducer import Reducer, accumulator_like, merge_states, scalar_zeros
+from ._reducer import (
+    Denominator,
+    Reducer,
+    accumulator_like,
+    check_denominator,
+    divisor,
+    merge_states,
+    scalar_zeros,
+)
 from ._tree import PyTree, tree_add_weighted, tree_scale
 
 __all__ = ["MeanState", "mean"]
@@ -19,7 +27,9 @@ class MeanState(NamedTuple):
     weight_sum: torch.Tensor  # sum_i w_i
 
 
-def mean(*, denominator: float | None = None, accum_dtype: torch.dtype | None = None) -> Reducer:
+def mean(
+    *, denominator: Denominator | None = None, accum_dtype: torch.dtype | None = None
+) -> Reducer:
     """The weighted mean of microbatch gradients: the full-batch gradient, exactly.
 
     Microbatch ``i`` with mean loss ``L_i`` over weight ``w_i`` (examples, or
@@ -30,8 +40,9 @@ def mean(*, denominator: float | None = None, accum_dtype: torch.dtype | None = 
     is wrong as soon as microbatches differ in size or token count.
 
     Args:
-        denominator: divide by this fixed number instead of the summed weight
-            (for a loss defined as a sum over a nominal batch size).
+        denominator: ``"weight"`` (the default) divides by the summed
+            weight; a number > 0 divides by that fixed number instead (for a
+            loss defined as a sum over a nominal batch size).
         accum_dtype: the dtype of the sums; default at least float32, so bf16
             and fp16 gradients are summed in float32.
 
@@ -47,6 +58,7 @@ def mean(*, denominator: float | None = None, accum_dtype: torch.dtype | None = 
         >>> reducer.finalize(state)[0]
         {'w': tensor([0.7500, 0.2500])}
     """
+    check_denominator(denominator)
     override = accum_dtype
 
     def init(params: PyTree) -> MeanState:
@@ -59,7 +71,6 @@ def mean(*, denominator: float | None = None, accum_dtype: torch.dtype | None = 
         )
 
     def finalize(state: MeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
-        divisor = state.weight_sum if denominator is None else denominator
-        return tree_scale(state.grad_sum, 1 / divisor), {}
+        return tree_scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), {}
 
     return Reducer(init, fold, merge_states, finalize)

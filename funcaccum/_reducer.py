@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import optree
 import torch
 
+from ._errors import FuncaccumError
 from ._tree import PyTree, accum_dtype, tree_device
 
 __all__ = [
+    "Denominator",
     "Maximum",
     "Reducer",
     "Tracker",
     "accumulator_like",
     "as_units",
+    "check_denominator",
+    "divisor",
     "merge_states",
     "scalar_zeros",
     "weight_dtype",
 ]
 
 Stats = dict[str, torch.Tensor]
+Denominator = float | Literal["weight"]
+"""What a mean divides its sums by: ``"weight"`` (the summed weight) or a fixed number."""
 
 
 class Tracker(NamedTuple):
@@ -121,3 +129,27 @@ def as_units(grads: PyTree, weight: torch.Tensor) -> tuple[PyTree, torch.Tensor]
     if weight.ndim == 0:
         return optree.tree_map(lambda g: g.unsqueeze(0), grads), weight.unsqueeze(0)
     return grads, weight
+
+
+def check_denominator(denominator: Denominator | None) -> None:
+    """Raise unless ``denominator`` is None, ``"weight"`` or a finite number > 0.
+
+    A zero, negative or non-finite divisor would scale every gradient wrongly
+    (a negative one flips the step), so it is refused when the reducer is made.
+    """
+    if denominator is None or denominator == "weight":
+        return
+    if (
+        isinstance(denominator, bool)
+        or not isinstance(denominator, numbers.Real)
+        or not (math.isfinite(denominator) and denominator > 0)
+    ):
+        raise FuncaccumError(
+            f"denominator must be a number or 'weight' (a number finite and > 0), "
+            f"got {denominator!r}"
+        )
+
+
+def divisor(weight_sum: torch.Tensor, denominator: Denominator | None) -> torch.Tensor | float:
+    """The summed weight, or the declared fixed ``denominator``."""
+    return weight_sum if denominator in (None, "weight") else denominator

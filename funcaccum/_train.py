@@ -270,7 +270,7 @@ def train_step(
         ...     return torch.mean((x @ params["w"] - y) ** 2)
         >>> step = train_step(loss_fn, optimizer=optim.sgd(0.1), num_microbatches=4)
         >>> state = step.init({"w": torch.zeros(3)})
-        >>> x = torch.randn(32, 3)
+        >>> x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
         >>> for _ in range(50):
         ...     state, metrics = step(state, (x, x @ torch.tensor([1.0, -2.0, 0.5])))
         >>> metrics["loss"].item() < 1e-4, state.step.item()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from conftest import classification_batch, mlp_loss, mlp_params
 
 import funcaccum as fa
+from funcaccum.testing import assert_trees_allclose, assert_trees_equal
 
 
 @pytest.mark.parametrize(
@@ -99,6 +101,32 @@ def test_a_weight_that_is_not_a_scalar_is_refused() -> None:
 def test_clipped_mean_needs_a_positive_threshold() -> None:
     with pytest.raises(fa.FuncaccumError, match="max_norm must be > 0"):
         fa.clipped_mean(0.0)
+
+
+@pytest.mark.parametrize("denominator", [0, -4, 0.0, float("nan"), float("inf"), True, "count"])
+@pytest.mark.parametrize(
+    "make", [fa.mean, lambda **options: fa.clipped_mean(1.0, **options)], ids=["mean", "clipped"]
+)
+def test_a_denominator_that_is_not_a_positive_number_is_refused(
+    make: Callable[..., fa.Reducer], denominator: Any
+) -> None:
+    """A negative divisor would flip every step, a zero one divide by zero: refused up front."""
+    with pytest.raises(fa.FuncaccumError, match="denominator must be a number or 'weight'"):
+        make(denominator=denominator)
+
+
+def test_every_mean_reducer_takes_the_same_denominators() -> None:
+    params, batch = mlp_params(), classification_batch(12)
+    for make in (fa.mean, lambda **options: fa.clipped_mean(1e9, **options)):
+        by_weight = fa.accumulate(mlp_loss, params, batch, reducer=make(), num_microbatches=3)
+        named = fa.accumulate(
+            mlp_loss, params, batch, reducer=make(denominator="weight"), num_microbatches=3
+        )
+        fixed = fa.accumulate(
+            mlp_loss, params, batch, reducer=make(denominator=24), num_microbatches=3
+        )
+        assert_trees_equal(named.grads, by_weight.grads)
+        assert_trees_allclose(fixed.grads, fa.tree_scale(by_weight.grads, 0.5), rtol=1e-12, atol=0)
 
 
 def test_batch_norm_in_training_mode_is_refused() -> None:
