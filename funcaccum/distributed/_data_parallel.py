@@ -40,6 +40,23 @@ def _wait(work: Any, timeout: float | None, what: str) -> None:
         ) from error
 
 
+def _collective_by_dtype(
+    tensors: list[torch.Tensor], run: Callable[[torch.Tensor], None]
+) -> list[torch.Tensor]:
+    """``run`` a collective in place on one flat buffer per dtype; new tensors, same shapes."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(i)
+    out = list(tensors)
+    for indices in by_dtype.values():
+        buffer = torch.cat([tensors[i].reshape(-1) for i in indices])
+        run(buffer)
+        sizes = [tensors[i].numel() for i in indices]
+        for i, chunk in zip(indices, buffer.split(sizes), strict=True):
+            out[i] = chunk.view(tensors[i].shape).clone()
+    return out
+
+
 def all_reduce_state(
     state: PyTree, *, group: Any = None, timeout: float | None = None, what: str = "the all-reduce"
 ) -> PyTree:
@@ -63,38 +80,23 @@ def all_reduce_state(
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     leaves, treedef = optree.tree_flatten(state, is_leaf=_is_maximum)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        value = leaf.value if _is_maximum(leaf) else leaf
-        by_dtype.setdefault(value.dtype, []).append(i)
-    merged: list[Any] = list(leaves)
-    for dtype, indices in by_dtype.items():
-        parts = []
-        for i in indices:
-            leaf = leaves[i]
-            if _is_maximum(leaf):
-                slots = torch.zeros(
-                    (world, leaf.value.numel()), dtype=dtype, device=leaf.value.device
-                )
-                slots[rank] = leaf.value.reshape(-1)
-                parts.append(slots.reshape(-1))
-            else:
-                parts.append(leaf.reshape(-1))
-        buffer = torch.cat(parts)
-        _wait(
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True), timeout, what
-        )
-        offset = 0
-        for i in indices:
-            leaf = leaves[i]
-            value = leaf.value if _is_maximum(leaf) else leaf
-            size = value.numel() * (world if _is_maximum(leaf) else 1)
-            chunk = buffer[offset : offset + size]
-            offset += size
-            if _is_maximum(leaf):
-                merged[i] = Maximum(chunk.view(world, -1).amax(0).view(value.shape))
-            else:
-                merged[i] = chunk.view(value.shape).clone()
+
+    def to_send(leaf: Any) -> torch.Tensor:
+        if not _is_maximum(leaf):
+            return leaf
+        slots = leaf.value.new_zeros((world, *leaf.value.shape))
+        slots[rank] = leaf.value
+        return slots
+
+    def run(buffer: torch.Tensor) -> None:
+        work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
+        _wait(work, timeout, what)
+
+    summed = _collective_by_dtype([to_send(leaf) for leaf in leaves], run)
+    merged = [
+        Maximum(total.amax(0)) if _is_maximum(leaf) else total
+        for leaf, total in zip(leaves, summed, strict=True)
+    ]
     return optree.tree_unflatten(treedef, merged)
 
 
@@ -103,19 +105,11 @@ def broadcast_state(
 ) -> PyTree:
     """Every rank's copy of ``state`` replaced by rank ``src``'s (one collective per dtype)."""
     leaves, treedef = optree.tree_flatten(state)
-    out: list[torch.Tensor] = list(leaves)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, leaf in enumerate(leaves):
-        by_dtype.setdefault(leaf.dtype, []).append(i)
-    for indices in by_dtype.values():
-        buffer = torch.cat([leaves[i].reshape(-1) for i in indices])
+
+    def run(buffer: torch.Tensor) -> None:
         _wait(dist.broadcast(buffer, src=src, group=group, async_op=True), timeout, "the broadcast")
-        offset = 0
-        for i in indices:
-            size = leaves[i].numel()
-            out[i] = buffer[offset : offset + size].view(leaves[i].shape).clone()
-            offset += size
-    return optree.tree_unflatten(treedef, out)
+
+    return optree.tree_unflatten(treedef, _collective_by_dtype(leaves, run))
 
 
 class DataParallel:
