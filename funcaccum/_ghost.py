@@ -25,6 +25,11 @@ __all__ = ["Ghost", "ghost"]
 LayerResult = tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]
 
 
+def _qualified(module_name: str, param_name: str) -> str:
+    """A parameter's name in ``module.named_parameters()``, from its layer's name."""
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
 def _units(t: torch.Tensor, count: int) -> torch.Tensor:
     """``(count * size, *middle, features)`` to ``(count, size * middle, features)``."""
     return t.reshape(count, -1, t.shape[-1])
@@ -143,7 +148,6 @@ class Ghost(NamedTuple):
     def _tapped(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
         """Hooks that record each tapped layer's input and add a zero probe to its output."""
         taps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        modules = dict(self.module.named_modules())
 
         def hook(name: str) -> Callable[..., torch.Tensor]:
             def record(
@@ -160,7 +164,10 @@ class Ghost(NamedTuple):
 
             return record
 
-        handles = [modules[name].register_forward_hook(hook(name)) for name in self.layers]
+        handles = [
+            self.module.get_submodule(name).register_forward_hook(hook(name))
+            for name in self.layers
+        ]
         try:
             yield taps
         finally:
@@ -237,7 +244,7 @@ class Ghost(NamedTuple):
         """
         flat = optree.tree_map(lambda x: x.flatten(0, 1), units)
         examples = optree.tree_leaves(flat)[0].shape[0]
-        modules = dict(self.module.named_modules())
+        size = examples // count  # examples per unit
         with torch.enable_grad(), self._tapped() as taps:
             total = loss_fn(params, flat) * examples  # sum of per-example losses
             # A layer whose input is not per example (positions shared by the batch) gets its
@@ -252,13 +259,14 @@ class Ghost(NamedTuple):
         for name, delta in zip(names, deltas, strict=True):
             if delta is None:  # the layer does not reach the loss
                 continue
-            module, (x, _) = modules[name], taps[name]
+            module, (x, _) = self.module.get_submodule(name), taps[name]
             upcast = torch.promote_types(delta.dtype, torch.float32)
             inputs = x if x.dtype in (torch.int32, torch.int64) else x.to(upcast)
             squares, weighted_sum = _rule(module)(module, inputs, delta.to(upcast), count)
             norms_sq = norms_sq + squares.to(norms_sq.dtype)
-            prefix = f"{name}." if name else ""
-            parts.append(lambda c, w=weighted_sum, p=prefix: {p + k: v for k, v in w(c).items()})
+            parts.append(
+                lambda c, w=weighted_sum, n=name: {_qualified(n, k): v for k, v in w(c).items()}
+            )
         if fallback:
             rest = {name: params[name] for name in fallback}
 
@@ -266,13 +274,11 @@ class Ghost(NamedTuple):
                 return loss_fn({**params, **subset}, unit)
 
             per_unit = vmap(grad(unit_loss), in_dims=(None, 0), randomness=randomness)(rest, units)
-            size = examples // count
             per_unit = {k: v * size for k, v in per_unit.items()}  # mean -> sum over the unit
             squares, weighted_sum = _materialised(per_unit)
             norms_sq = norms_sq + squares.to(norms_sq.dtype)
             parts.append(weighted_sum)
         # Everything above is for a unit's summed loss; the unit's gradient is of its mean.
-        size = examples // count
         return (
             total.detach(),
             torch.sqrt(norms_sq) / size,
@@ -331,11 +337,11 @@ def ghost(module: nn.Module) -> Ghost:
     owners: dict[int, list[str]] = {}
     for name, sub in module.named_modules():
         for param_name, param in sub.named_parameters(recurse=False):
-            owners.setdefault(id(param), []).append(f"{name}.{param_name}" if name else param_name)
+            owners.setdefault(id(param), []).append(_qualified(name, param_name))
     shared = {full for names in owners.values() if len(names) > 1 for full in names}
     for name, sub in module.named_modules():
         own = dict(sub.named_parameters(recurse=False))
-        full = tuple(f"{name}.{p}" if name else p for p in own)
+        full = tuple(_qualified(name, p) for p in own)
         trainable = all(p.requires_grad for p in own.values())
         if own and trainable and _rule(sub) is not None and not set(full) & shared:
             layers[name] = full
