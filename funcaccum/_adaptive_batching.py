@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 
 from ._errors import FuncaccumError
-from ._train import Metrics, TrainState, TrainStep
+from ._train import Metrics, TrainState, TrainStep, compiled
 from ._tree import PyTree
 
 __all__ = ["AdaptiveBatching"]
@@ -87,12 +87,9 @@ class AdaptiveBatching:
         def ready(folded: Any) -> torch.Tensor:
             return step.reducer.finalize(folded.reducer)[1]["ready"]
 
-        def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return torch.compile(fn, fullgraph=True) if compile else fn
-
-        self._fold = maybe_compile(step.fold)
-        self._apply = maybe_compile(step.apply)
-        self._ready = maybe_compile(ready)  # the unused gradient is dead code once compiled
+        self._fold = compiled(step.fold, compile)
+        self._apply = compiled(step.apply, compile)
+        self._ready = compiled(ready, compile)  # the unused gradient is dead code once compiled
 
     def __call__(
         self, state: TrainState, microbatches: Iterator[PyTree]

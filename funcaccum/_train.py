@@ -33,10 +33,15 @@ from ._tree import (
 )
 from .optim import GradientTransformation, apply_updates, get_hyperparams
 
-__all__ = ["TrainState", "TrainStep", "train_step"]
+__all__ = ["TrainState", "TrainStep", "compiled", "train_step"]
 
 Metrics = dict[str, Any]
 ScheduleClock = Literal["step", "progress"]
+
+
+def compiled(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
+    """``fn`` compiled as funcaccum compiles (one whole graph), or ``fn`` itself."""
+    return torch.compile(fn, fullgraph=True) if enabled else fn
 
 
 class TrainState(NamedTuple):
@@ -93,9 +98,7 @@ class TrainStep:
         self.compute_dtype = compute_dtype
         self.max_consecutive_skips = max_consecutive_skips
         self.schedule_clock = schedule_clock
-        self._run: Callable[..., tuple[TrainState, Metrics]] = (
-            torch.compile(self.step, fullgraph=True) if compile else self.step
-        )
+        self._run: Callable[..., tuple[TrainState, Metrics]] = compiled(self.step, compile)
 
     def _loss(self, params: PyTree, batch: PyTree) -> Any:
         return self.loss_fn(tree_cast(params, self.compute_dtype), batch)

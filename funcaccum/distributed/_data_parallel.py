@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .._accumulate import FoldState
 from .._errors import FuncaccumError
 from .._reducer import Maximum
-from .._train import Metrics, TrainState, TrainStep
+from .._train import Metrics, TrainState, TrainStep, compiled
 from .._tree import PyTree
 
 __all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
@@ -162,11 +162,7 @@ class DataParallel:
             )
         self.step, self.group, self.timeout = step, group, timeout
         self.calls = 0  # optimizer steps attempted, to name one in an error
-
-        def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
-            return torch.compile(fn, fullgraph=True) if compile else fn
-
-        self._fold, self._apply = maybe_compile(step.fold), maybe_compile(step.apply)
+        self._fold, self._apply = compiled(step.fold, compile), compiled(step.apply, compile)
 
     def init(self, params: PyTree) -> TrainState:
         """The step's initial state, built from rank 0's params on every rank."""
