@@ -39,7 +39,8 @@ class AdaptiveBatching:
 
     When the iterator runs out mid-step, the step is taken with the
     microbatches it has (weighted exactly); a call with none left raises
-    :class:`StopIteration`.
+    :class:`StopIteration`. Non-finite steps are skipped and counted as in
+    :class:`TrainStep`, and the step's ``max_consecutive_skips`` stops the run.
 
     Args:
         step: a :class:`TrainStep` built with ``reducer=adaptive(...)``.
@@ -109,6 +110,7 @@ class AdaptiveBatching:
         if count == 0:
             raise StopIteration
         state, metrics = self._apply(state, folded)
+        self.step.check_skips(state, metrics)
         if self.controller == "predictive":
             self.k = int(metrics["suggested_k"])
         return state, {**metrics, "k": count}

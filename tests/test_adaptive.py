@@ -231,6 +231,20 @@ def test_the_sequential_controller_stops_when_ready_or_at_k_max() -> None:
         assert bool(metrics["ready"]) or metrics["k"] == 12
 
 
+def test_adaptive_batching_stops_after_too_many_non_finite_steps() -> None:
+    step = fa.train_step(
+        quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=fa.adaptive(), max_consecutive_skips=2
+    )
+    runner = fa.AdaptiveBatching(step, k_min=2, k_max=2)
+    start = step.init({"w": torch.zeros(2, dtype=torch.float64)})
+    poisoned = iter(torch.full((10, 3, 2), torch.nan, dtype=torch.float64))
+    state, metrics = runner(start, poisoned)
+    assert bool(metrics["skipped"])
+    assert torch.equal(state.params["w"], start.params["w"])
+    with pytest.raises(fa.FuncaccumError, match="2 consecutive steps had a non-finite loss"):
+        runner(state, poisoned)
+
+
 def test_a_short_iterator_gives_a_partial_last_step_then_stops() -> None:
     step = fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=fa.adaptive())
     runner = fa.AdaptiveBatching(step, k_min=3, k_max=3)
