@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python recipes/NAME.py` puts recipes/ on the path, not the root
     sys.path.insert(0, str(ROOT))
 
-__all__ = ["Recipe", "parser", "pick_device"]
+__all__ = ["Recipe", "add_step_flags", "parser", "pick_device", "strategy_options"]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -35,6 +35,30 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="a tiny run, to check the recipe works")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
+
+
+def add_step_flags(
+    p: argparse.ArgumentParser, *, strategy: bool = True, compile_by_default: bool = False
+) -> None:
+    """``--strategy`` (unless the recipe has no choice) and ``--compile`` / ``--no-compile``."""
+    if strategy:
+        p.add_argument(
+            "--strategy",
+            default="scan",
+            choices=["scan", "vmap", "chunked"],
+            help="how microbatches are folded (chunked: 2 at a time)",
+        )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=compile_by_default,
+        help="torch.compile(fullgraph=True) the step",
+    )
+
+
+def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``train_step``'s ``strategy`` and ``chunk_size`` from ``--strategy``."""
+    return {"strategy": args.strategy, "chunk_size": 2 if args.strategy == "chunked" else None}
 
 
 def pick_device(name: str) -> torch.device:

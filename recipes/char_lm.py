@@ -14,7 +14,6 @@ gradient of the mean over every real token in the batch. The step is compiled
 
 from __future__ import annotations
 
-import argparse
 import sysconfig
 import time
 from pathlib import Path
@@ -59,8 +58,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--strategy", default="scan", choices=["scan", "vmap", "chunked"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    _common.add_step_flags(p, compile_by_default=True)
     args = p.parse_args()
     if args.smoke:
         args.steps, args.context, args.dim, args.layers = 4, 32, 32, 1
@@ -99,10 +97,9 @@ def main() -> None:
         loss_fn,
         optimizer=fa.optim.adamw(schedule, weight_decay=0.01),
         num_microbatches=args.microbatches,
-        strategy=args.strategy,
         has_weight=True,
-        chunk_size=2 if args.strategy == "chunked" else None,
         compile=args.compile,
+        **_common.strategy_options(args),
     )
     state = step.init(params)
     tokens_seen, compile_seconds, timed_seconds = 0.0, 0.0, 0.0

@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--reducer", default="mean", choices=["mean", "clipped", "adaptive"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a collective may wait")
-    p.add_argument("--compile", action="store_true")
+    _common.add_step_flags(p, strategy=False)
     args = p.parse_args()
     if "RANK" not in os.environ:
         raise SystemExit(

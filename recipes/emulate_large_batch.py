@@ -22,7 +22,6 @@ loss on the whole dataset.
 
 from __future__ import annotations
 
-import argparse
 import copy
 from collections.abc import Callable
 
@@ -81,8 +80,7 @@ def main() -> None:
     p.add_argument("--microbatches", type=int, default=4, help="K")
     p.add_argument("--microbatch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--strategy", default="scan", choices=["scan", "vmap", "chunked"])
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    _common.add_step_flags(p)
     args = p.parse_args()
     if args.smoke:
         args.steps = 12
@@ -131,8 +129,7 @@ def main() -> None:
         loss_fn,
         optimizer=fa.optim.sgd(args.lr),
         num_microbatches=k,
-        strategy=args.strategy,
-        chunk_size=2 if args.strategy == "chunked" else None,
+        **_common.strategy_options(args),
     )
     # fold and apply are the two halves of step(); apart, they let us see the gradient applied.
     fold, apply_update = step.fold, step.apply

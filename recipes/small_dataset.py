@@ -68,8 +68,7 @@ def main() -> None:
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--ema-decay", type=float, default=0.9)
-    p.add_argument("--strategy", default="scan", choices=["scan", "vmap", "chunked"])
-    p.add_argument("--compile", action="store_true")
+    _common.add_step_flags(p)
     args = p.parse_args()
     if args.smoke:
         args.epochs = 2
@@ -107,9 +106,8 @@ def main() -> None:
         optimizer=rule,
         reducer=reducer,
         microbatch_size=args.microbatch_size,
-        strategy=args.strategy,
-        chunk_size=2 if args.strategy == "chunked" else None,
         compile=args.compile and args.reducer != "adaptive",
+        **_common.strategy_options(args),
     )
     runner = (
         fa.AdaptiveBatching(step, k_min=2, k_max=16, compile=args.compile)
