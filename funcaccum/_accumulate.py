@@ -99,12 +99,12 @@ def _split_output(out: Any, flag: str) -> tuple[Any, Any]:
     return out
 
 
-def _value_and_grad(
+def _loss_parts(
     loss_fn: LossFn, *, has_aux: bool, has_weight: bool
-) -> Callable[[PyTree, PyTree, int], tuple[PyTree, tuple[torch.Tensor, torch.Tensor, PyTree]]]:
-    """``f(params, microbatch, size) -> (grads, (loss, weight, aux))`` for one microbatch."""
+) -> Callable[[PyTree, PyTree, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Any]]]:
+    """``f(params, microbatch, size) -> (loss, (loss.detach(), weight, aux))``, checked."""
 
-    def loss_weight_aux(params: PyTree, microbatch: PyTree, size: int) -> tuple[torch.Tensor, Any]:
+    def loss_parts(params: PyTree, microbatch: PyTree, size: int) -> tuple[torch.Tensor, Any]:
         out = loss_fn(params, microbatch)
         aux: Any = ()  # vmap and scan need tensor outputs; () stands for "no aux"
         if has_aux:
@@ -121,6 +121,11 @@ def _value_and_grad(
                 "loss_fn must return a 0-d tensor, the mean loss over its microbatch; "
                 f"got {got}{hint}"
             )
+        if not loss.is_floating_point():
+            raise FuncaccumError(
+                f"loss_fn returned a {loss.dtype} loss; a loss must be a floating-point tensor "
+                "computed from the params (an integer loss has no gradient)"
+            )
         weight = torch.as_tensor(weight, device=loss.device)
         if weight.ndim != 0:
             raise FuncaccumError(
@@ -128,108 +133,254 @@ def _value_and_grad(
             )
         return loss, (loss.detach(), weight, aux)
 
-    def value_and_grad(params: PyTree, microbatch: PyTree, size: int) -> Any:
-        grads, (_, rest) = grad_and_value(loss_weight_aux, has_aux=True)(params, microbatch, size)
+    return loss_parts
+
+
+_DETACHED = (
+    "the loss does not depend on the params: loss_fn detached it (.detach(), .item(), "
+    "torch.no_grad()) or never used params, so every gradient would be zero"
+)
+
+
+def _autograd_value_and_grad(
+    forward: Callable[..., tuple[torch.Tensor, Any]],
+) -> Callable[[PyTree, PyTree, int], tuple[PyTree, Any]]:
+    """One microbatch's gradient by plain autograd, on fresh leaves that alias the params.
+
+    Eagerly this is the hand-written loop's forward and backward, without the
+    per-op cost of the ``torch.func`` transforms; it also lets ``forward`` be a
+    compiled function (forward and backward graphs, as ``torch.compile(model)``
+    gives the loop), and activation checkpointing and compiled regions work
+    inside the loss. The params are not modified: the leaves are new tensor
+    objects, and ``torch.autograd.grad`` returns the gradients instead of
+    writing ``.grad``.
+    """
+
+    def value_and_grad(params: PyTree, microbatch: PyTree, size: int) -> tuple[PyTree, Any]:
+        leaves, treedef = optree.tree_flatten(params)
+        inputs = [leaf.detach().requires_grad_() for leaf in leaves]
+        with torch.enable_grad():
+            loss, rest = forward(optree.tree_unflatten(treedef, inputs), microbatch, size)
+        if not loss.requires_grad:
+            raise FuncaccumError(_DETACHED)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+        return optree.tree_unflatten(treedef, list(grads)), rest
+
+    return value_and_grad
+
+
+def _func_value_and_grad(
+    forward: Callable[..., tuple[torch.Tensor, Any]],
+) -> Callable[[PyTree, PyTree, int], tuple[PyTree, Any]]:
+    """One microbatch's gradient by :func:`torch.func.grad`, for ``vmap`` and a traced scan."""
+
+    def checked(params: PyTree, microbatch: PyTree, size: int) -> tuple[torch.Tensor, Any]:
+        loss, rest = forward(params, microbatch, size)
+        if not loss.requires_grad:
+            raise FuncaccumError(_DETACHED)
+        return loss, rest
+
+    def value_and_grad(params: PyTree, microbatch: PyTree, size: int) -> tuple[PyTree, Any]:
+        grads, (_, rest) = grad_and_value(checked, has_aux=True)(params, microbatch, size)
         return grads, rest
 
     return value_and_grad
 
 
-def _sequential(
-    body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: PyTree
-) -> tuple[Any, Any]:
-    """``for x in xs: carry, y = body(carry, x)``, returning the carry and the stacked ys.
+def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: PyTree) -> tuple[Any, Any]:
+    """``for x in xs: carry, y = body(carry, x)`` traced once, for a step compiled whole.
 
-    Under ``torch.compile`` this is the ``scan`` higher-order op, which traces
-    the body once whatever the length (even for one microbatch it measured
-    faster on the CPU than the body inlined); eagerly it is a plain loop.
+    The ``scan`` higher-order op traces the body once whatever the length.
+    Without it (older torch) the loop is unrolled.
     """
-    length = optree.tree_leaves(xs)[0].shape[0]
-    if _scan_hop is not None and torch.compiler.is_compiling():
-        # The op's body may return only tensors, lists, tuples and dicts: flatten our NamedTuples.
-        leaves, treedef = optree.tree_flatten(carry)
+    if _scan_hop is None:  # pragma: no cover - older torch
+        ys = []
+        for i in range(optree.tree_leaves(xs)[0].shape[0]):
+            carry, y = body(carry, optree.tree_map(lambda x, i=i: x[i], xs))
+            ys.append(y)
+        return carry, optree.tree_map(lambda *y: torch.stack(y), *ys)
+    # The op's body may return only tensors, lists, tuples and dicts: flatten our NamedTuples.
+    leaves, treedef = optree.tree_flatten(carry)
 
-        def flat_body(leaves: list[torch.Tensor], x: Any) -> tuple[list[torch.Tensor], Any]:
-            carry, y = body(optree.tree_unflatten(treedef, leaves), x)
-            return optree.tree_leaves(carry), y
+    def flat_body(leaves: list[torch.Tensor], x: Any) -> tuple[list[torch.Tensor], Any]:
+        carry, y = body(optree.tree_unflatten(treedef, leaves), x)
+        return optree.tree_leaves(carry), y
 
-        leaves, ys = _scan_hop(flat_body, leaves, xs)
-        return optree.tree_unflatten(treedef, leaves), ys
-    ys = []
-    for i in range(length):
-        carry, y = body(carry, optree.tree_map(lambda x, i=i: x[i], xs))
-        ys.append(y)
-    return carry, optree.tree_map(lambda *y: torch.stack(y), *ys)
-
-
-class _Folding(NamedTuple):
-    """How one call folds its microbatches."""
-
-    reducer: Reducer
-    loss_fn: LossFn
-    value_and_grad: Callable[..., Any]
-    strategy: Strategy
-    chunk_size: int
-    randomness: Randomness
-    has_weight: bool
+    leaves, ys = _scan_hop(flat_body, leaves, xs)
+    return optree.tree_unflatten(treedef, leaves), ys
 
 
-def _fold_units(how: _Folding, state: FoldState, grads: PyTree, rest: Any) -> FoldState:
-    loss, weight, _ = rest
-    weight = weight.to(state.weight_sum.dtype)
-    present = weight != 0
-    if how.has_weight:
-        # A microbatch the loss gives zero weight (all padding) adds exactly nothing,
-        # even when its loss and gradient are 0/0 = NaN.
-        grads = optree.tree_map(
-            lambda g: torch.where(
-                present.reshape(present.shape + (1,) * (g.ndim - present.ndim)), g, 0
-            ),
-            grads,
+def _stack(outputs: list[Any]) -> Any:
+    return optree.tree_map(lambda *ys: torch.stack(ys), *outputs)
+
+
+class _Driver:
+    """How one configuration folds a batch's microbatches: built once, run every step.
+
+    Eagerly (the default) each microbatch's gradient comes from plain autograd
+    (``"scan"``) or from ``torch.func.vmap`` over ``torch.func.grad`` (``"vmap"``,
+    ``"chunked"``), and a Python loop folds them. With ``compile=True`` the
+    pieces that loop calls are compiled apart, each ``fullgraph``: the loss
+    (forward and backward graphs), the fold into the reducer state, and the
+    vmapped chunk. Each is one small graph whatever ``K``, and all of them go
+    through torch's FX-graph and AOTAutograd caches, so a second process
+    starts warm. Traced inside a caller's own ``torch.compile`` (as
+    :meth:`TrainStep.step` compiled whole), ``"scan"`` becomes the ``scan``
+    higher-order op over ``torch.func.grad`` instead: one graph, traced once
+    whatever ``K``.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        *,
+        reducer: Reducer,
+        strategy: Strategy,
+        chunk_size: int | None,
+        has_aux: bool,
+        has_weight: bool,
+        randomness: Randomness,
+        compile: bool = False,
+    ) -> None:
+        _check_options(reducer, strategy, chunk_size, randomness)
+        self.loss_fn = loss_fn
+        self.reducer = reducer
+        self.strategy = strategy
+        self.chunk_size = chunk_size
+        self.has_aux = has_aux
+        self.has_weight = has_weight
+        self.randomness = randomness
+        forward = _loss_parts(loss_fn, has_aux=has_aux, has_weight=has_weight)
+        self.value_and_grad = _func_value_and_grad(forward)
+        self._autograd_step = _autograd_value_and_grad(_compiled(forward, compile))
+        self._fold_units = _compiled(self.fold_units, compile)
+        self._chunk_step = _compiled(self.chunk_step, compile)
+
+    def fold_units(self, state: FoldState, grads: PyTree, rest: Any) -> FoldState:
+        """Fold one microbatch (0-d weight) or a stacked chunk of them into ``state``."""
+        loss, weight, _ = rest
+        weight = weight.to(state.weight_sum.dtype)
+        present = weight != 0
+        if self.has_weight:
+            # A microbatch the loss gives zero weight (all padding) adds exactly nothing,
+            # even when its loss and gradient are 0/0 = NaN.
+            grads = optree.tree_map(
+                lambda g: torch.where(
+                    present.reshape(present.shape + (1,) * (g.ndim - present.ndim)), g, 0
+                ),
+                grads,
+            )
+        weighted_loss = torch.where(present, weight * loss.to(weight.dtype), 0)
+        return FoldState(
+            self.reducer.fold(state.reducer, grads, weight),
+            state.loss_sum + weighted_loss.sum(),
+            state.weight_sum + weight.sum(),
         )
-    weighted_loss = torch.where(present, weight * loss.to(weight.dtype), 0)
-    return FoldState(
-        how.reducer.fold(state.reducer, grads, weight),
-        state.loss_sum + weighted_loss.sum(),
-        state.weight_sum + weight.sum(),
-    )
 
+    def chunk_step(
+        self, params: PyTree, state: FoldState, chunk: PyTree, size: int
+    ) -> tuple[FoldState, Any]:
+        """Fold a stacked chunk of microbatches, their gradients taken together under vmap."""
+        batched = vmap(self.value_and_grad, in_dims=(None, 0, None), randomness=self.randomness)
+        grads, rest = _raise_on_randomness(batched, params, chunk, size)
+        return self.fold_units(state, grads, rest), rest
 
-def _fold_group(
-    how: _Folding, state: FoldState, group: MicrobatchGroup, params: PyTree
-) -> tuple[FoldState, Any]:
-    """Fold one group of equal-size microbatches; also returns the per-microbatch outputs."""
-    if not isinstance(how.strategy, str):  # a strategy object, such as ghost(module)
-        return how.strategy.fold_group(how, state, group, params)
+    def _chunk(
+        self, params: PyTree, state: FoldState, chunk: PyTree, size: int
+    ) -> tuple[FoldState, Any]:
+        # Inside a caller's compiled region the plain function is traced into its graph.
+        step = self.chunk_step if torch.compiler.is_compiling() else self._chunk_step
+        return step(params, state, chunk, size)
 
-    def chunk_step(state: FoldState, chunk: PyTree) -> tuple[FoldState, Any]:
-        batched = vmap(how.value_and_grad, in_dims=(None, 0, None), randomness=how.randomness)
-        grads, rest = _raise_on_randomness(batched, params, chunk, group.size)
-        return _fold_units(how, state, grads, rest), rest
+    def run(
+        self, params: PyTree, groups: list[MicrobatchGroup], state: FoldState
+    ) -> tuple[FoldState, Any]:
+        """Fold every group; returns the state and the stacked aux outputs (or None)."""
+        outputs = []
+        for group in groups:
+            if not isinstance(self.strategy, str):  # a strategy object, such as ghost(module)
+                state, ys = self.strategy.fold_group(self, state, group, params)
+            elif self.strategy == "vmap":
+                state, ys = self._chunk(params, state, group.batch, group.size)
+            elif self.strategy == "chunked":
+                state, ys = self._chunked(params, state, group)
+            else:
+                state, ys = self._sequential(params, state, group)
+            outputs.append(ys)
+        aux = _concat([aux for _, _, aux in outputs])
+        return state, aux if self.has_aux else None
 
-    def microbatch_step(state: FoldState, microbatch: PyTree) -> tuple[FoldState, Any]:
-        grads, rest = how.value_and_grad(params, microbatch, group.size)
-        return _fold_units(how, state, grads, rest), rest
+    def _sequential(
+        self, params: PyTree, state: FoldState, group: MicrobatchGroup
+    ) -> tuple[FoldState, Any]:
+        if torch.compiler.is_compiling():
 
-    if how.strategy == "vmap":
-        return chunk_step(state, group.batch)
-    if how.strategy == "scan":
-        return _sequential(microbatch_step, state, group.batch)
-    chunk_size = how.chunk_size
-    whole, rest_count = divmod(group.count, chunk_size)
-    outputs = []
-    if whole:
-        chunks = optree.tree_map(
-            lambda x: x[: whole * chunk_size].unflatten(0, (whole, chunk_size)), group.batch
+            def body(state: FoldState, microbatch: PyTree) -> tuple[FoldState, Any]:
+                grads, rest = self.value_and_grad(params, microbatch, group.size)
+                return self.fold_units(state, grads, rest), rest
+
+            return _scan(body, state, group.batch)
+        outputs = []
+        for i in range(group.count):
+            microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
+            grads, rest = self._autograd_step(params, microbatch, group.size)
+            state = self._fold_units(state, grads, rest)
+            outputs.append(rest)
+        return state, _stack(outputs)
+
+    def _chunked(
+        self, params: PyTree, state: FoldState, group: MicrobatchGroup
+    ) -> tuple[FoldState, Any]:
+        size = self.chunk_size or 1
+        whole, rest_count = divmod(group.count, size)
+        outputs = []
+        if whole:
+            chunks = optree.tree_map(
+                lambda x: x[: whole * size].unflatten(0, (whole, size)), group.batch
+            )
+            if torch.compiler.is_compiling():
+
+                def body(state: FoldState, chunk: PyTree) -> tuple[FoldState, Any]:
+                    return self.chunk_step(params, state, chunk, group.size)
+
+                state, ys = _scan(body, state, chunks)
+            else:
+                parts = []
+                for i in range(whole):
+                    chunk = optree.tree_map(lambda x, i=i: x[i], chunks)
+                    state, y = self._chunk_step(params, state, chunk, group.size)
+                    parts.append(y)
+                ys = _stack(parts)
+            outputs.append(optree.tree_map(lambda y: y.flatten(0, 1), ys))
+        if rest_count:
+            remainder = optree.tree_map(lambda x: x[whole * size :], group.batch)
+            state, ys = self._chunk(params, state, remainder, group.size)
+            outputs.append(ys)
+        return state, _concat(outputs)
+
+    def fold(
+        self,
+        params: PyTree,
+        batch: PyTree,
+        state: FoldState | None,
+        *,
+        num_microbatches: int | None,
+        microbatch_size: int | None,
+    ) -> tuple[FoldState, Any]:
+        """Split ``batch`` and fold every microbatch into ``state`` (None: a new one)."""
+        if num_microbatches is None and microbatch_size is None:
+            num_microbatches = 1
+        groups = split_microbatches(
+            batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size
         )
-        state, ys = _sequential(chunk_step, state, chunks)
-        outputs.append(optree.tree_map(lambda y: y.flatten(0, 1), ys))
-    if rest_count:
-        state, ys = chunk_step(
-            state, optree.tree_map(lambda x: x[whole * chunk_size :], group.batch)
-        )
-        outputs.append(ys)
-    return state, _concat(outputs)
+        if state is None:
+            state = init_fold(params, reducer=self.reducer)
+        return self.run(params, groups, state)
+
+
+def _compiled(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
+    """``fn`` compiled as funcaccum compiles (one whole graph, static shapes), or ``fn``."""
+    return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
 
 
 def _raise_on_randomness(fn: Callable[..., Any], *args: Any) -> Any:
@@ -283,45 +434,6 @@ def _check_options(
     _check_randomness(randomness)
     if randomness == "same" and strategy == "scan":
         raise FuncaccumError("randomness='same' needs a vmap strategy ('vmap' or 'chunked')")
-
-
-def _fold_with_outputs(
-    loss_fn: LossFn,
-    params: PyTree,
-    batch: PyTree,
-    *,
-    reducer: Reducer,
-    state: FoldState | None,
-    num_microbatches: int | None,
-    microbatch_size: int | None,
-    strategy: Strategy,
-    chunk_size: int | None,
-    has_aux: bool,
-    has_weight: bool,
-    randomness: Randomness,
-) -> tuple[FoldState, Any]:
-    _check_options(reducer, strategy, chunk_size, randomness)
-    if num_microbatches is None and microbatch_size is None:
-        num_microbatches = 1
-    groups = split_microbatches(
-        batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size
-    )
-    if state is None:
-        state = init_fold(params, reducer=reducer)
-    how = _Folding(
-        reducer,
-        loss_fn,
-        _value_and_grad(loss_fn, has_aux=has_aux, has_weight=has_weight),
-        strategy,
-        chunk_size or 1,
-        randomness,
-        has_weight,
-    )
-    outputs = []
-    for group in groups:
-        state, ys = _fold_group(how, state, group, params)
-        outputs.append(ys)
-    return state, _concat(outputs)
 
 
 def init_fold(params: PyTree, *, reducer: Reducer | None = None) -> FoldState:
@@ -408,13 +520,13 @@ def fold(
         >>> result.weight.item()
         32.0
     """
-    reducer = mean() if reducer is None else reducer
-    state, _ = _fold_with_outputs(
-        loss_fn, params, batch, reducer=reducer, state=state,
-        num_microbatches=num_microbatches, microbatch_size=microbatch_size,
-        strategy=strategy, chunk_size=chunk_size, has_aux=has_aux,
-        has_weight=has_weight, randomness=randomness,
+    driver = _Driver(
+        loss_fn, reducer=mean() if reducer is None else reducer, strategy=strategy,
+        chunk_size=chunk_size, has_aux=has_aux, has_weight=has_weight, randomness=randomness,
     )  # fmt: skip
+    state, _ = driver.fold(
+        params, batch, state, num_microbatches=num_microbatches, microbatch_size=microbatch_size
+    )
     return state
 
 
@@ -478,13 +590,14 @@ def accumulate(
         True
     """
     reducer = mean() if reducer is None else reducer
-    state, (_, _, aux) = _fold_with_outputs(
-        loss_fn, params, batch, reducer=reducer, state=None,
-        num_microbatches=num_microbatches, microbatch_size=microbatch_size,
-        strategy=strategy, chunk_size=chunk_size, has_aux=has_aux,
+    driver = _Driver(
+        loss_fn, reducer=reducer, strategy=strategy, chunk_size=chunk_size, has_aux=has_aux,
         has_weight=has_weight, randomness=randomness,
     )  # fmt: skip
-    return finalize(state, reducer=reducer, aux=aux if has_aux else None)
+    state, aux = driver.fold(
+        params, batch, None, num_microbatches=num_microbatches, microbatch_size=microbatch_size
+    )
+    return finalize(state, reducer=reducer, aux=aux)
 
 
 def microbatch_grads(
@@ -511,7 +624,9 @@ def microbatch_grads(
         >>> out.grads["w"].shape, out.losses.shape       # (examples, 3), (examples,)
         (torch.Size([5, 3]), torch.Size([5]))
     """
-    value_and_grad = _value_and_grad(loss_fn, has_aux=has_aux, has_weight=has_weight)
+    value_and_grad = _func_value_and_grad(
+        _loss_parts(loss_fn, has_aux=has_aux, has_weight=has_weight)
+    )
     _check_randomness(randomness)
     if num_microbatches is None and microbatch_size is None:
         num_microbatches = 1

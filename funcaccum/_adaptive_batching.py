@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 import torch
 
+from ._accumulate import _compiled
 from ._errors import FuncaccumError
-from ._train import Metrics, TrainState, TrainStep, compiled
+from ._train import Metrics, TrainState, TrainStep
 from ._tree import PyTree
 
 __all__ = ["AdaptiveBatching"]
@@ -88,9 +89,8 @@ class AdaptiveBatching:
         def ready(folded: Any) -> torch.Tensor:
             return step.reducer.finalize(folded.reducer)[1]["ready"]
 
-        self._fold = compiled(step.fold, compile)
-        self._apply = compiled(step.apply, compile)
-        self._ready = compiled(ready, compile)  # the unused gradient is dead code once compiled
+        self._parts = step.parts(compile)
+        self._ready = _compiled(ready, compile)  # the unused gradient is dead code once compiled
 
     def __call__(
         self, state: TrainState, microbatches: Iterator[PyTree]
@@ -100,7 +100,7 @@ class AdaptiveBatching:
         folded = self.step.init_fold(state)
         count = 0
         for microbatch in microbatches:
-            folded = self._fold(state, microbatch, folded)
+            folded, _ = self._parts.fold(state, microbatch, folded)
             count += 1
             if self.controller == "predictive":
                 if count >= target:
@@ -109,7 +109,7 @@ class AdaptiveBatching:
                 break
         if count == 0:
             raise StopIteration
-        state, metrics = self._apply(state, folded)
+        state, metrics = self._parts.apply(state, folded)
         self.step.check_skips(state, metrics)
         if self.controller == "predictive":
             self.k = int(metrics["suggested_k"])

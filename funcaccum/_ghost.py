@@ -17,7 +17,7 @@ from ._microbatch import MicrobatchGroup
 from ._tree import PyTree, accum_dtype, tree_weighted_sum
 
 if TYPE_CHECKING:
-    from ._accumulate import FoldState, _Folding
+    from ._accumulate import FoldState, _Driver
 
 __all__ = ["Ghost", "ghost"]
 
@@ -175,7 +175,7 @@ class Ghost(NamedTuple):
                 handle.remove()
 
     def fold_group(
-        self, how: _Folding, state: FoldState, group: MicrobatchGroup, params: PyTree
+        self, how: _Driver, state: FoldState, group: MicrobatchGroup, params: PyTree
     ) -> tuple[FoldState, Any]:
         """Fold one group of equal-size microbatches, ``chunk_size`` of them at a time."""
         from ._accumulate import FoldState  # a cycle: the driver dispatches here
@@ -201,7 +201,9 @@ class Ghost(NamedTuple):
                 "strategy=ghost(module) needs params as functional_model(module) gives them: "
                 "a dict keyed by the module's parameter names"
             )
-        chunk = how.chunk_size if how.chunk_size > 1 else group.count
+        if how.has_aux:
+            raise FuncaccumError("strategy=ghost(...) does not return aux outputs (no has_aux)")
+        chunk = group.count if how.chunk_size is None else how.chunk_size
         for start in range(0, group.count, chunk):
             units = optree.tree_map(lambda x, s=start: x[s : s + chunk], group.batch)
             count = optree.tree_leaves(units)[0].shape[0]

@@ -14,7 +14,8 @@ from ._accumulate import (
     Randomness,
     Strategy,
     _check_options,
-    _fold_with_outputs,
+    _compiled,
+    _Driver,
     finalize,
     init_fold,
 )
@@ -33,15 +34,24 @@ from ._tree import (
 )
 from .optim import GradientTransformation, apply_updates, get_hyperparams
 
-__all__ = ["TrainState", "TrainStep", "compiled", "train_step"]
+__all__ = ["StepParts", "TrainState", "TrainStep", "train_step"]
 
 Metrics = dict[str, Any]
 ScheduleClock = Literal["step", "progress"]
 
 
-def compiled(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
-    """``fn`` compiled as funcaccum compiles (one whole graph), or ``fn`` itself."""
-    return torch.compile(fn, fullgraph=True) if enabled else fn
+class StepParts(NamedTuple):
+    """A step's two halves as :meth:`TrainStep.parts` runs them, eagerly or compiled.
+
+    Attributes:
+        fold: ``fold(state, batch, folded=None) -> (folded, aux)``: the batch's
+            microbatches folded into ``folded`` (a new accumulation if None);
+            ``aux`` is the stacked auxiliary outputs, or None.
+        apply: ``apply(state, folded) -> (state, metrics)``: :meth:`TrainStep.apply`.
+    """
+
+    fold: Callable[..., tuple[FoldState, Any]]
+    apply: Callable[..., tuple[TrainState, Metrics]]
 
 
 class TrainState(NamedTuple):
@@ -51,7 +61,7 @@ class TrainState(NamedTuple):
         params: the parameter pytree (the master copy, under mixed precision).
         opt_state: the update rule's state.
         step: optimizer steps applied (skipped steps do not count), 0-d int64.
-        skipped: steps skipped because the loss or gradient was not finite.
+        skipped: steps skipped because the loss, gradient or update was not finite.
         consecutive_skips: skipped steps since the last applied one.
         reducer_carry: the reducer's cross-step statistics (``()`` if none).
     """
@@ -68,9 +78,9 @@ class TrainStep:
     """A training step built by :func:`train_step`.
 
     ``init(params)`` makes the :class:`TrainState`; :meth:`step` is the pure
-    function ``(state, batch) -> (state, metrics)``, the part to compile;
-    calling the object runs it (compiled, if asked) and then stops the run
-    with :class:`FuncaccumError` after too many consecutive skipped steps.
+    function ``(state, batch) -> (state, metrics)``; calling the object runs
+    it (through its compiled pieces, if asked: :meth:`parts`) and then stops
+    the run with :class:`FuncaccumError` after too many consecutive skipped steps.
 
     :meth:`step` is :meth:`fold` then :meth:`apply`, both pure. Use them
     apart to fold microbatches that arrive one by one, or to merge partial
@@ -84,6 +94,7 @@ class TrainStep:
         optimizer: GradientTransformation,
         reducer: Reducer,
         microbatching: dict[str, Any],
+        options: dict[str, Any],
         has_aux: bool,
         compute_dtype: torch.dtype | None,
         max_consecutive_skips: int | None,
@@ -94,11 +105,13 @@ class TrainStep:
         self.optimizer = optimizer
         self.reducer = reducer
         self.microbatching = microbatching
+        self._options = options
         self.has_aux = has_aux
         self.compute_dtype = compute_dtype
         self.max_consecutive_skips = max_consecutive_skips
         self.schedule_clock = schedule_clock
-        self._run: Callable[..., tuple[TrainState, Metrics]] = compiled(self.step, compile)
+        self.compile = compile
+        self._parts: dict[bool, StepParts] = {}
 
     def _loss(self, params: PyTree, batch: PyTree) -> Any:
         return self.loss_fn(tree_cast(params, self.compute_dtype), batch)
@@ -114,24 +127,50 @@ class TrainStep:
         """An empty accumulation for one optimizer step from ``state``."""
         return init_fold(state.params, reducer=self.reducer)
 
+    def parts(self, compile: bool | None = None) -> StepParts:
+        """The step's fold and apply halves, compiled as ``train_step(compile=...)`` compiles.
+
+        With ``compile=True`` (default: the step's own setting) the fold runs
+        its microbatches in a Python loop around separately compiled pieces
+        (the loss's forward and backward, the reducer's fold; or the vmapped
+        chunk), and ``apply`` is compiled on its own; each piece is one
+        ``fullgraph`` graph. :mod:`funcaccum.distributed` and
+        :class:`~funcaccum.AdaptiveBatching` drive a step through these.
+        """
+        compile = self.compile if compile is None else compile
+        if compile not in self._parts:
+            driver = _Driver(self._loss, reducer=self.reducer, has_aux=self.has_aux,
+                             compile=compile, **self._options)  # fmt: skip
+            microbatching = self.microbatching
+
+            def fold(
+                state: TrainState, batch: PyTree, folded: FoldState | None = None
+            ) -> tuple[FoldState, Any]:
+                return driver.fold(state.params, batch, folded, **microbatching)
+
+            self._parts[compile] = StepParts(fold, _compiled(self.apply, compile))
+        return self._parts[compile]
+
     def fold(self, state: TrainState, batch: PyTree, folded: FoldState | None = None) -> FoldState:
         """Fold ``batch``'s microbatches into ``folded`` (pure; auxiliary outputs are dropped)."""
-        folded, _ = self._fold(state, batch, folded)
-        return folded
-
-    def _fold(
-        self, state: TrainState, batch: PyTree, folded: FoldState | None
-    ) -> tuple[FoldState, Any]:
-        folded, (_, _, aux) = _fold_with_outputs(
-            self._loss, state.params, batch, reducer=self.reducer, state=folded,
-            has_aux=self.has_aux, **self.microbatching,
-        )  # fmt: skip
-        return folded, aux
+        return self.parts(False).fold(state, batch, folded)[0]
 
     def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
-        """One optimizer step on ``batch``, as a pure function of the state."""
-        folded, aux = self._fold(state, batch, None)
-        state, metrics = self.apply(state, folded)
+        """One optimizer step on ``batch``, as a pure function of the state.
+
+        Eagerly this is what calling the step does with ``compile=False``. It
+        can also be compiled whole, ``torch.compile(step.step, fullgraph=True)``:
+        one graph with the microbatch loop as a ``scan`` (traced once whatever
+        ``K``), slower to compile than ``compile=True``'s pieces and not cached
+        across processes.
+        """
+        return self._step(self.parts(False), state, batch)
+
+    def _step(
+        self, parts: StepParts, state: TrainState, batch: PyTree
+    ) -> tuple[TrainState, Metrics]:
+        folded, aux = parts.fold(state, batch)
+        state, metrics = parts.apply(state, folded)
         if self.has_aux:
             metrics["aux"] = aux
         return state, metrics
@@ -159,6 +198,10 @@ class TrainStep:
         if "step_scale" in stats:  # a reducer that sets the step size multiplies the update
             updates = tree_scale(updates, stats["step_scale"])
         params = apply_updates(state.params, updates)
+        # The guard covers the update too: a NaN learning rate, or an overflow in the update
+        # rule, is skipped like a NaN gradient, so the params stay those of a finite step.
+        finite = finite & torch.isfinite(tree_global_norm(updates))
+        finite = finite & torch.isfinite(tree_global_norm(params))
         # A non-finite step changes nothing but the skip counts: bit-identical params and state.
         params, opt_state, carry = tree_select(
             finite, (params, opt_state, carry), (state.params, state.opt_state, state.reducer_carry)
@@ -187,8 +230,8 @@ class TrainStep:
         limit = self.max_consecutive_skips
         if limit is not None and int(state.consecutive_skips) >= limit:
             raise FuncaccumError(
-                f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss or "
-                f"gradient (loss={float(metrics['loss'])}, "
+                f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss, "
+                f"gradient or update (loss={float(metrics['loss'])}, "
                 f"grad_norm={float(metrics['grad_norm'])}); "
                 f"the params are those of step {int(state.step)}, the last finite one. Lower the "
                 "learning rate, check the data for NaN or Inf, or raise max_consecutive_skips."
@@ -202,7 +245,7 @@ class TrainStep:
             num_microbatches=self.microbatching["num_microbatches"],
             microbatch_size=self.microbatching["microbatch_size"],
         )
-        state, metrics = self._run(state, batch)
+        state, metrics = self._step(self.parts(), state, batch)
         self.check_skips(state, metrics)
         return state, metrics
 
@@ -238,7 +281,8 @@ def train_step(
     - ``skipped``: whether the step was rejected as non-finite;
     - the reducer's stats, and ``aux`` with ``has_aux``.
 
-    A step whose loss or reduced gradient is NaN or Inf leaves the params,
+    A step whose loss, reduced gradient, update or new params hold a NaN or
+    an Inf (a NaN learning rate, say) leaves the params,
     the optimizer state and the reducer's carry bit-identical and counts a
     skip; after ``max_consecutive_skips`` skips in a row, calling the step
     raises :class:`FuncaccumError` (None: never, and no host sync per step).
@@ -261,7 +305,12 @@ def train_step(
         schedule_clock: what learning-rate schedules read: ``"step"``, the
             optimizer-step count, or ``"progress"``, the adaptive reducer's
             scale-invariant ``tau`` (passed to the update rule as ``schedule_step``).
-        compile: compile :meth:`TrainStep.step` with ``torch.compile(fullgraph=True)``.
+        compile: compile the step's pieces, each with ``torch.compile(fullgraph=True)``:
+            the loss (its forward and backward graphs, as ``torch.compile(model)``
+            gives a hand-written loop), the reducer's fold, and the update
+            (:meth:`TrainStep.parts`). Each piece is one graph whatever ``K``
+            (two where the last microbatch is partial: two shapes), and they
+            are cached across processes by torch's compile caches.
 
     Returns:
         A :class:`TrainStep`.
@@ -292,21 +341,21 @@ def train_step(
         raise FuncaccumError(
             f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}"
         )
-    microbatching = {
-        "num_microbatches": num_microbatches,
-        "microbatch_size": microbatch_size,
+    if num_microbatches is None and microbatch_size is None:
+        num_microbatches = 1
+    microbatching = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size}
+    options = {
         "strategy": strategy,
         "chunk_size": chunk_size,
         "has_weight": has_weight,
         "randomness": randomness,
     }
-    if num_microbatches is None and microbatch_size is None:
-        microbatching["num_microbatches"] = 1
     return TrainStep(
         loss_fn,
         optimizer=optimizer,
         reducer=reducer,
         microbatching=microbatching,
+        options=options,
         has_aux=has_aux,
         compute_dtype=compute_dtype,
         max_consecutive_skips=max_consecutive_skips,

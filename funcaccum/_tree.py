@@ -10,10 +10,17 @@ places; a mismatch raises optree's ``ValueError`` naming both structures.
 Reductions (:func:`tree_global_norm`, :func:`tree_vdot`,
 :func:`tree_weighted_sum`) compute in at least float32, so bf16 and fp16 trees
 do not lose the sum to rounding.
+
+The elementwise helpers run one ``torch._foreach_*`` call over all leaves
+instead of one op per leaf: eagerly that is one dispatch for the whole tree,
+and under ``torch.compile`` one graph node, so the traced graph does not grow
+with the number of parameter tensors.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import optree
@@ -31,6 +38,7 @@ __all__ = [
     "tree_lerp",
     "tree_scale",
     "tree_select",
+    "tree_sub",
     "tree_vdot",
     "tree_weighted_sum",
     "tree_zeros_like",
@@ -50,22 +58,60 @@ def tree_device(tree: PyTree) -> torch.device | None:
     return leaves[0].device if leaves else None
 
 
+def on_leaves(
+    foreach: Callable[..., list[torch.Tensor]],
+    leafwise: Callable[..., torch.Tensor],
+    tree: PyTree,
+    *rest: PyTree,
+) -> PyTree:
+    """``foreach(leaves, *other_leaves)`` over the leaf lists of trees shaped like ``tree``.
+
+    ``foreach`` takes and returns lists of tensors (``torch._foreach_*`` ops);
+    ``leafwise`` is the same operation on one leaf, used under ``vmap``, where
+    the foreach ops have no batching rule. The result has ``tree``'s structure.
+    """
+    leaves, treedef = optree.tree_flatten(tree)
+    if not leaves:
+        return tree
+    others = [treedef.flatten_up_to(other) for other in rest]
+    if any(torch._C._functorch.is_batchedtensor(x) for xs in (leaves, *others) for x in xs):
+        out = [leafwise(*xs) for xs in zip(leaves, *others, strict=True)]
+    else:
+        out = foreach(leaves, *others)
+    return optree.tree_unflatten(treedef, out)
+
+
 def tree_add(*trees: PyTree) -> PyTree:
     """Leafwise sum of one or more trees of the same structure.
 
     >>> tree_add({"w": torch.ones(2)}, {"w": torch.ones(2)})
     {'w': tensor([2., 2.])}
     """
-    return optree.tree_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
+
+    def add(first: list[torch.Tensor], *others: list[torch.Tensor]) -> list[torch.Tensor]:
+        for other in others:
+            first = torch._foreach_add(first, other)
+        return first
+
+    return on_leaves(add, lambda *xs: sum(xs[1:], xs[0]), *trees)
+
+
+def tree_sub(a: PyTree, b: PyTree) -> PyTree:
+    """Leafwise ``a - b``.
+
+    >>> tree_sub({"w": torch.ones(2)}, {"w": torch.tensor([0.5, 2.0])})
+    {'w': tensor([ 0.5000, -1.0000])}
+    """
+    return on_leaves(torch._foreach_sub, torch.sub, a, b)
 
 
 def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
-    """Every leaf multiplied by ``factor`` (a number or a 0-d tensor).
+    """Every leaf multiplied by ``factor`` (a number or a 0-d tensor), in the leaf's dtype.
 
     >>> tree_scale([torch.ones(2), None], 0.5)
     [tensor([0.5000, 0.5000]), None]
     """
-    return optree.tree_map(lambda x: x * factor, tree)
+    return on_leaves(lambda xs: torch._foreach_mul(xs, factor), lambda x: x * factor, tree)
 
 
 def tree_zeros_like(tree: PyTree, *, dtype: torch.dtype | None = None) -> PyTree:
@@ -106,7 +152,22 @@ def tree_global_norm(tree: PyTree) -> torch.Tensor:
     >>> tree_global_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])})
     tensor(5.)
     """
-    return torch.sqrt(tree_vdot(tree, tree))
+    leaves = optree.tree_leaves(tree)
+    if any(torch._C._functorch.is_batchedtensor(x) for x in leaves):  # no foreach under vmap
+        return torch.sqrt(tree_vdot(tree, tree))
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for leaf in leaves:
+        by_dtype.setdefault(accum_dtype(leaf.dtype), []).append(leaf)
+    if not by_dtype:
+        return torch.zeros(())
+    dtype = functools.reduce(torch.promote_types, by_dtype)
+    # One foreach norm per dtype (each leaf reduced in at least float32), then the norm of norms.
+    norms = [
+        norm.to(dtype)
+        for acc, leaves in by_dtype.items()
+        for norm in torch._foreach_norm(leaves, 2, dtype=acc)
+    ]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 def tree_weighted_sum(
@@ -140,15 +201,19 @@ def tree_weighted_sum(
 def tree_add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTree:
     """``acc + sum_i weights[i] * tree[i]``, in ``acc``'s dtypes, for accumulators.
 
-    A 0-d ``weights`` adds one unweighted-axis tree in a single fused pass
-    (``addcmul``); a ``(k,)`` ``weights`` adds the weighted sum of a stacked
-    chunk whose leaves are shaped ``(k, ...)``.
+    A 0-d ``weights`` adds one tree scaled by it; a ``(k,)`` ``weights`` adds
+    the weighted sum of a stacked chunk whose leaves are shaped ``(k, ...)``.
 
     >>> tree_add_weighted({"w": torch.ones(2)}, {"w": torch.tensor([1.0, 2.0])}, torch.tensor(3.0))
     {'w': tensor([4., 7.])}
     """
     if weights.ndim == 0:
-        return optree.tree_map(lambda a, x: torch.addcmul(a, x, weights.to(a.dtype)), acc, tree)
+
+        def add(acc: list[torch.Tensor], leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+            leaves = [x.to(a.dtype) for a, x in zip(acc, leaves, strict=True)]
+            return torch._foreach_add(acc, torch._foreach_mul(leaves, weights))
+
+        return on_leaves(add, lambda a, x: torch.addcmul(a, x, weights.to(a.dtype)), acc, tree)
     return optree.tree_map(
         lambda a, x: a + torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1), acc, tree
     )
@@ -163,7 +228,7 @@ def tree_lerp(start: PyTree, end: PyTree, weight: float | torch.Tensor) -> PyTre
     >>> tree_lerp({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)
     {'w': tensor([0.2500, 0.2500])}
     """
-    return optree.tree_map(lambda a, b: a + weight * (b - a), start, end)
+    return tree_add(start, tree_scale(tree_sub(end, start), weight))
 
 
 def tree_select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:

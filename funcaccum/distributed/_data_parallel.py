@@ -14,7 +14,7 @@ import torch.distributed as dist
 from .._accumulate import FoldState
 from .._errors import FuncaccumError
 from .._reducer import Maximum
-from .._train import Metrics, TrainState, TrainStep, compiled
+from .._train import Metrics, TrainState, TrainStep
 from .._tree import PyTree
 
 __all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
@@ -162,7 +162,7 @@ class DataParallel:
             )
         self.step, self.group, self.timeout = step, group, timeout
         self.calls = 0  # optimizer steps attempted, to name one in an error
-        self._fold, self._apply = compiled(step.fold, compile), compiled(step.apply, compile)
+        self._parts = step.parts(compile)
 
     def init(self, params: PyTree) -> TrainState:
         """The step's initial state, built from rank 0's params on every rank."""
@@ -176,11 +176,11 @@ class DataParallel:
         folded: FoldState = (
             self.step.init_fold(state)
             if local_batch is None
-            else self._fold(state, local_batch, None)
+            else self._parts.fold(state, local_batch)[0]
         )
         self.calls += 1
         what = f"the all-reduce of optimizer step {self.calls} (since init)"
         folded = all_reduce_state(folded, group=self.group, timeout=self.timeout, what=what)
-        state, metrics = self._apply(state, folded)
+        state, metrics = self._parts.apply(state, folded)
         self.step.check_skips(state, metrics)
         return state, metrics
