@@ -28,7 +28,9 @@ import torch
 
 __all__ = [
     "PyTree",
+    "Leaves",
     "accum_dtype",
+    "foreach_map",
     "leaf_paths",
     "tree_add",
     "tree_add_weighted",
@@ -58,27 +60,92 @@ def tree_device(tree: PyTree) -> torch.device | None:
     return leaves[0].device if leaves else None
 
 
-def on_leaves(
-    foreach: Callable[..., list[torch.Tensor]],
-    leafwise: Callable[..., torch.Tensor],
-    tree: PyTree,
-    *rest: PyTree,
-) -> PyTree:
-    """``foreach(leaves, *other_leaves)`` over the leaf lists of trees shaped like ``tree``.
+Scalar = float | torch.Tensor
 
-    ``foreach`` takes and returns lists of tensors (``torch._foreach_*`` ops);
-    ``leafwise`` is the same operation on one leaf, used under ``vmap``, where
-    the foreach ops have no batching rule. The result has ``tree``'s structure.
+
+class Leaves:
+    """A list of tensors with elementwise arithmetic, one ``torch._foreach_*`` op per operator.
+
+    :func:`foreach_map` hands these to a function written as for one tensor
+    (``lambda m, g: b1 * m + (1 - b1) * g``), so an update rule reads as its
+    formula and still runs one op per operator for the whole tree. Numbers
+    and 0-d tensors broadcast; under ``vmap`` (no batching rules for foreach
+    ops) each op runs leaf by leaf.
+    """
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def _apply(
+        self,
+        foreach: Callable[..., list[torch.Tensor]],
+        single: Callable[..., torch.Tensor],
+        *other: Leaves | Scalar,
+    ) -> Leaves:
+        lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
+        if any(torch._C._functorch.is_batchedtensor(x) for x in self.tensors):
+            return Leaves([single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)])
+        return Leaves(foreach(self.tensors, *_pick(other, lists, None)))
+
+    def __add__(self, other: Leaves | Scalar) -> Leaves:
+        return self._apply(torch._foreach_add, torch.add, other)
+
+    __radd__ = __add__
+
+    def __mul__(self, other: Leaves | Scalar) -> Leaves:
+        return self._apply(torch._foreach_mul, torch.mul, other)
+
+    __rmul__ = __mul__
+
+    def __sub__(self, other: Leaves | Scalar) -> Leaves:
+        if isinstance(other, Leaves):
+            return self._apply(torch._foreach_sub, torch.sub, other)
+        return self + (-other)
+
+    def __rsub__(self, other: Scalar) -> Leaves:
+        return -self + other
+
+    def __neg__(self) -> Leaves:
+        return self._apply(torch._foreach_neg, torch.neg)
+
+    def __truediv__(self, other: Leaves | Scalar) -> Leaves:
+        return self._apply(torch._foreach_div, torch.div, other)
+
+    def sqrt(self) -> Leaves:
+        """Elementwise square root."""
+        return self._apply(torch._foreach_sqrt, torch.sqrt)
+
+    def sign(self) -> Leaves:
+        """Elementwise sign."""
+        return self._apply(torch._foreach_sign, torch.sign)
+
+    def to_dtypes_of(self, other: Leaves) -> Leaves:
+        """Each tensor cast to the dtype of its counterpart in ``other`` (no copy if equal)."""
+        return Leaves([x.to(y.dtype) for x, y in zip(self.tensors, other.tensors, strict=True)])
+
+
+def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:
+    """Operands for leaf ``i`` (whole lists for ``i=None``); scalars pass as they are."""
+    pairs = zip(other, lists, strict=True)
+    return [o if t is None else (t if i is None else t[i]) for o, t in pairs]
+
+
+def foreach_map(fn: Callable[..., Leaves], tree: PyTree, *rest: PyTree) -> PyTree:
+    """``fn`` applied to the leaves of trees shaped like ``tree``, all leaves at once.
+
+    ``fn`` receives one :class:`Leaves` per tree and returns one; write it as
+    for single tensors, with operators and ``.sqrt()``/``.sign()``.
+
+    >>> foreach_map(lambda m, g: 0.5 * m + g, {"a": torch.ones(2)}, {"a": torch.ones(2)})
+    {'a': tensor([1.5000, 1.5000])}
     """
     leaves, treedef = optree.tree_flatten(tree)
     if not leaves:
         return tree
-    others = [treedef.flatten_up_to(other) for other in rest]
-    if any(torch._C._functorch.is_batchedtensor(x) for xs in (leaves, *others) for x in xs):
-        out = [leafwise(*xs) for xs in zip(leaves, *others, strict=True)]
-    else:
-        out = foreach(leaves, *others)
-    return optree.tree_unflatten(treedef, out)
+    others = [Leaves(treedef.flatten_up_to(other)) for other in rest]
+    return optree.tree_unflatten(treedef, fn(Leaves(leaves), *others).tensors)
 
 
 def tree_add(*trees: PyTree) -> PyTree:
@@ -87,13 +154,7 @@ def tree_add(*trees: PyTree) -> PyTree:
     >>> tree_add({"w": torch.ones(2)}, {"w": torch.ones(2)})
     {'w': tensor([2., 2.])}
     """
-
-    def add(first: list[torch.Tensor], *others: list[torch.Tensor]) -> list[torch.Tensor]:
-        for other in others:
-            first = torch._foreach_add(first, other)
-        return first
-
-    return on_leaves(add, lambda *xs: sum(xs[1:], xs[0]), *trees)
+    return foreach_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
 
 
 def tree_sub(a: PyTree, b: PyTree) -> PyTree:
@@ -102,7 +163,7 @@ def tree_sub(a: PyTree, b: PyTree) -> PyTree:
     >>> tree_sub({"w": torch.ones(2)}, {"w": torch.tensor([0.5, 2.0])})
     {'w': tensor([ 0.5000, -1.0000])}
     """
-    return on_leaves(torch._foreach_sub, torch.sub, a, b)
+    return foreach_map(lambda x, y: x - y, a, b)
 
 
 def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
@@ -111,7 +172,7 @@ def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     >>> tree_scale([torch.ones(2), None], 0.5)
     [tensor([0.5000, 0.5000]), None]
     """
-    return on_leaves(lambda xs: torch._foreach_mul(xs, factor), lambda x: x * factor, tree)
+    return foreach_map(lambda x: x * factor, tree)
 
 
 def tree_zeros_like(tree: PyTree, *, dtype: torch.dtype | None = None) -> PyTree:
@@ -208,12 +269,7 @@ def tree_add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTre
     {'w': tensor([4., 7.])}
     """
     if weights.ndim == 0:
-
-        def add(acc: list[torch.Tensor], leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-            leaves = [x.to(a.dtype) for a, x in zip(acc, leaves, strict=True)]
-            return torch._foreach_add(acc, torch._foreach_mul(leaves, weights))
-
-        return on_leaves(add, lambda a, x: torch.addcmul(a, x, weights.to(a.dtype)), acc, tree)
+        return foreach_map(lambda a, x: a + x.to_dtypes_of(a) * weights, acc, tree)
     return optree.tree_map(
         lambda a, x: a + torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1), acc, tree
     )
@@ -228,7 +284,7 @@ def tree_lerp(start: PyTree, end: PyTree, weight: float | torch.Tensor) -> PyTre
     >>> tree_lerp({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)
     {'w': tensor([0.2500, 0.2500])}
     """
-    return tree_add(start, tree_scale(tree_sub(end, start), weight))
+    return foreach_map(lambda a, b: a + weight * (b - a), start, end)
 
 
 def tree_select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:

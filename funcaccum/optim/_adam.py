@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from .._reducer import accumulator_like
-from .._tree import PyTree, tree_device
+from .._tree import PyTree, foreach_map, tree_device
 from ._base import GradientTransformation, Schedule, chain, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._weight_decay import add_decayed_weights
@@ -52,12 +51,12 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     ) -> tuple[PyTree, ScaleByAdamState]:
         h = state.hyperparams
         count = state.count + 1
-        mu = optree.tree_map(lambda m, g: h["b1"] * m + (1 - h["b1"]) * g, state.mu, updates)
-        nu = optree.tree_map(lambda v, g: h["b2"] * v + (1 - h["b2"]) * g * g, state.nu, updates)
+        mu = foreach_map(lambda m, g: h["b1"] * m + (1 - h["b1"]) * g, state.mu, updates)
+        nu = foreach_map(lambda v, g: h["b2"] * v + (1 - h["b2"]) * g * g, state.nu, updates)
         correction1 = 1 - h["b1"] ** count
         root_correction2 = torch.sqrt(1 - h["b2"] ** count)
-        updates = optree.tree_map(
-            lambda m, v: m / (torch.sqrt(v) / root_correction2 + h["eps"]) / correction1, mu, nu
+        updates = foreach_map(
+            lambda m, v: m / (v.sqrt() / root_correction2 + h["eps"]) / correction1, mu, nu
         )
         return updates, ScaleByAdamState(count, mu, nu, h)
 

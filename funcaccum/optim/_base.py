@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
-import optree
 import torch
 
 from .._errors import FuncaccumError
-from .._tree import PyTree, tree_device
+from .._tree import PyTree, foreach_map, tree_device
 
 __all__ = [
     "GradientTransformation",
@@ -103,7 +102,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     >>> apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})
     {'w': tensor([1.5000, 0.0000])}
     """
-    return optree.tree_map(lambda p, u: (p + u).to(p.dtype), params, updates)
+    return foreach_map(lambda p, u: (p + u).to_dtypes_of(p), params, updates)
 
 
 Hyperparams = dict[str, torch.Tensor]

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from .._reducer import accumulator_like
-from .._tree import PyTree
+from .._tree import PyTree, foreach_map
 from ._base import GradientTransformation, Schedule, chain, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._weight_decay import add_decayed_weights
@@ -42,10 +41,10 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         updates: PyTree, state: ScaleByLionState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ScaleByLionState]:
         h = state.hyperparams
-        direction = optree.tree_map(
-            lambda m, g: torch.sign(h["b1"] * m + (1 - h["b1"]) * g), state.mu, updates
+        direction = foreach_map(
+            lambda m, g: (h["b1"] * m + (1 - h["b1"]) * g).sign(), state.mu, updates
         )
-        mu = optree.tree_map(lambda m, g: h["b2"] * m + (1 - h["b2"]) * g, state.mu, updates)
+        mu = foreach_map(lambda m, g: h["b2"] * m + (1 - h["b2"]) * g, state.mu, updates)
         return direction, ScaleByLionState(mu, h)
 
     return GradientTransformation(init, update)

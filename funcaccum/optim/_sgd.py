@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
 from .._reducer import accumulator_like
-from .._tree import PyTree
+from .._tree import PyTree, foreach_map
 from ._base import GradientTransformation, Schedule, chain, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._weight_decay import add_decayed_weights
@@ -46,9 +45,9 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
         updates: PyTree, state: TraceState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, TraceState]:
         decay = state.hyperparams["momentum"]
-        new_trace = optree.tree_map(lambda t, g: decay * t + g, state.trace, updates)
+        new_trace = foreach_map(lambda t, g: decay * t + g, state.trace, updates)
         if nesterov:
-            updates = optree.tree_map(lambda g, t: g + decay * t, updates, new_trace)
+            updates = foreach_map(lambda g, t: g + decay * t, updates, new_trace)
         else:
             updates = new_trace
         return updates, TraceState(new_trace, state.hyperparams)

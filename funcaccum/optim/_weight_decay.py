@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import optree
 import torch
 
-from .._tree import PyTree
+from .._tree import PyTree, foreach_map
 from ._base import GradientTransformation, hyperparams
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
@@ -40,7 +39,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, AddDecayedWeightsState]:
         decay = state.hyperparams["weight_decay"]
-        updates = optree.tree_map(lambda u, p: u + decay * p.to(u.dtype), updates, params)
+        updates = foreach_map(lambda u, p: u + decay * p.to_dtypes_of(u), updates, params)
         return updates, state
 
     return GradientTransformation(init, update)
