@@ -154,14 +154,17 @@ def write_results(name: str, results: dict[str, Any]) -> None:
     print(f"wrote {path.relative_to(ROOT)}")
 
 
-def run_worker(script: str, config: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+def run_worker(
+    script: str, config: dict[str, Any], timeout: float = 900, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run ``script --worker CONFIG`` in a fresh process; its last stdout line is a JSON result.
 
-    A fresh process per configuration keeps compile caches and memory peaks apart.
+    A fresh process per configuration keeps compile caches and memory peaks apart;
+    ``env`` adds variables (a compile cache directory, say).
     """
     # A fixed mmap threshold makes every allocation over 64 KiB an mmap returned on free,
     # so the resident set follows live tensors (see peak_memory).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", **(env or {})}
     completed = subprocess.run(
         [sys.executable, script, "--worker", json.dumps(config)],
         env=env,
