@@ -67,10 +67,14 @@ class Leaves:
     """A list of tensors with elementwise arithmetic, one ``torch._foreach_*`` op per operator.
 
     :func:`foreach_map` hands these to a function written as for one tensor
-    (``lambda m, g: b1 * m + (1 - b1) * g``), so an update rule reads as its
-    formula and still runs one op per operator for the whole tree. Numbers
+    (``lambda m, g: m.mul(b1).add(g.mul(1 - b1))``), so an update rule reads as
+    its formula and still runs one op per operator for the whole tree. Numbers
     and 0-d tensors broadcast; under ``vmap`` (no batching rules for foreach
     ops) each op runs leaf by leaf.
+
+    Combine with a tensor through the methods (``m.mul(b1)``), not the
+    operators: Dynamo sends ``b1 * m`` down its tensor path and cannot trace
+    it. Operators between two ``Leaves``, or with a Python number, are fine.
     """
 
     __slots__ = ("tensors",)
@@ -89,29 +93,34 @@ class Leaves:
             return Leaves([single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)])
         return Leaves(foreach(self.tensors, *_pick(other, lists, None)))
 
-    def __add__(self, other: Leaves | Scalar) -> Leaves:
+    def add(self, other: Leaves | Scalar) -> Leaves:
+        """Elementwise ``self + other``."""
         return self._apply(torch._foreach_add, torch.add, other)
 
-    __radd__ = __add__
-
-    def __mul__(self, other: Leaves | Scalar) -> Leaves:
+    def mul(self, other: Leaves | Scalar) -> Leaves:
+        """Elementwise ``self * other``."""
         return self._apply(torch._foreach_mul, torch.mul, other)
 
-    __rmul__ = __mul__
-
-    def __sub__(self, other: Leaves | Scalar) -> Leaves:
+    def sub(self, other: Leaves | Scalar) -> Leaves:
+        """Elementwise ``self - other``."""
         if isinstance(other, Leaves):
             return self._apply(torch._foreach_sub, torch.sub, other)
-        return self + (-other)
+        return self.add(-other)
 
-    def __rsub__(self, other: Scalar) -> Leaves:
-        return -self + other
+    def div(self, other: Leaves | Scalar) -> Leaves:
+        """Elementwise ``self / other``."""
+        return self._apply(torch._foreach_div, torch.div, other)
 
     def __neg__(self) -> Leaves:
         return self._apply(torch._foreach_neg, torch.neg)
 
-    def __truediv__(self, other: Leaves | Scalar) -> Leaves:
-        return self._apply(torch._foreach_div, torch.div, other)
+    __add__ = __radd__ = add
+    __mul__ = __rmul__ = mul
+    __sub__ = sub
+    __truediv__ = div
+
+    def __rsub__(self, other: float) -> Leaves:
+        return (-self).add(other)
 
     def sqrt(self) -> Leaves:
         """Elementwise square root."""
@@ -136,9 +145,9 @@ def foreach_map(fn: Callable[..., Leaves], tree: PyTree, *rest: PyTree) -> PyTre
     """``fn`` applied to the leaves of trees shaped like ``tree``, all leaves at once.
 
     ``fn`` receives one :class:`Leaves` per tree and returns one; write it as
-    for single tensors, with operators and ``.sqrt()``/``.sign()``.
+    for single tensors, with methods (``.mul``, ``.add``, ``.sqrt()``, ...).
 
-    >>> foreach_map(lambda m, g: 0.5 * m + g, {"a": torch.ones(2)}, {"a": torch.ones(2)})
+    >>> foreach_map(lambda m, g: m.mul(0.5) + g, {"a": torch.ones(2)}, {"a": torch.ones(2)})
     {'a': tensor([1.5000, 1.5000])}
     """
     leaves, treedef = optree.tree_flatten(tree)
@@ -172,7 +181,7 @@ def tree_scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     >>> tree_scale([torch.ones(2), None], 0.5)
     [tensor([0.5000, 0.5000]), None]
     """
-    return foreach_map(lambda x: x * factor, tree)
+    return foreach_map(lambda x: x.mul(factor), tree)
 
 
 def tree_zeros_like(tree: PyTree, *, dtype: torch.dtype | None = None) -> PyTree:
@@ -269,7 +278,7 @@ def tree_add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTre
     {'w': tensor([4., 7.])}
     """
     if weights.ndim == 0:
-        return foreach_map(lambda a, x: a + x.to_dtypes_of(a) * weights, acc, tree)
+        return foreach_map(lambda a, x: a + x.to_dtypes_of(a).mul(weights), acc, tree)
     return optree.tree_map(
         lambda a, x: a + torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1), acc, tree
     )
@@ -284,7 +293,7 @@ def tree_lerp(start: PyTree, end: PyTree, weight: float | torch.Tensor) -> PyTre
     >>> tree_lerp({"w": torch.zeros(2)}, {"w": torch.ones(2)}, 0.25)
     {'w': tensor([0.2500, 0.2500])}
     """
-    return foreach_map(lambda a, b: a + weight * (b - a), start, end)
+    return foreach_map(lambda a, b: a + (b - a).mul(weight), start, end)
 
 
 def tree_select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:

@@ -88,6 +88,27 @@ def test_consecutive_non_finite_steps_stop_the_run() -> None:
         step(state, poisoned(batch))
 
 
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.compile)])
+def test_a_non_finite_update_is_skipped_like_a_non_finite_gradient(compile: bool) -> None:
+    """A NaN learning rate makes finite gradients into NaN params: the guard covers the update."""
+    params, batch = mlp_params(), classification_batch(16)
+
+    def rate(count: torch.Tensor) -> torch.Tensor:  # finite for step 0, NaN after
+        return torch.where(count == 0, 0.1, float("nan")).to(torch.float64)
+
+    step = fa.train_step(mlp_loss, optimizer=optim.sgd(rate), max_consecutive_skips=2,
+                         compile=compile)  # fmt: skip
+    state, _ = step(step.init(params), batch)
+    after, metrics = step(state, batch)
+    assert metrics["skipped"] and torch.isfinite(metrics["grad_norm"])
+    assert_trees_equal(after.params, state.params)
+    assert (after.step.item(), after.skipped.item()) == (1, 1)
+    with pytest.raises(
+        fa.FuncaccumError, match=r"non-finite loss, gradient or update.*those of step 1"
+    ):
+        step(after, batch)
+
+
 def test_the_schedule_moves_once_per_optimizer_step_whatever_the_microbatch_count() -> None:
     """The seeds' pitfall: a scheduler stepped per microbatch decays K times too fast."""
     params, batch = mlp_params(), classification_batch(32)

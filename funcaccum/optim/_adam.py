@@ -51,12 +51,16 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     ) -> tuple[PyTree, ScaleByAdamState]:
         h = state.hyperparams
         count = state.count + 1
-        mu = foreach_map(lambda m, g: h["b1"] * m + (1 - h["b1"]) * g, state.mu, updates)
-        nu = foreach_map(lambda v, g: h["b2"] * v + (1 - h["b2"]) * g * g, state.nu, updates)
+        mu = foreach_map(lambda m, g: m.mul(h["b1"]).add(g.mul(1 - h["b1"])), state.mu, updates)
+        nu = foreach_map(
+            lambda v, g: v.mul(h["b2"]).add((g * g).mul(1 - h["b2"])), state.nu, updates
+        )
         correction1 = 1 - h["b1"] ** count
         root_correction2 = torch.sqrt(1 - h["b2"] ** count)
         updates = foreach_map(
-            lambda m, v: m / (v.sqrt() / root_correction2 + h["eps"]) / correction1, mu, nu
+            lambda m, v: m.div(v.sqrt().div(root_correction2).add(h["eps"])).div(correction1),
+            mu,
+            nu,
         )
         return updates, ScaleByAdamState(count, mu, nu, h)
 

@@ -42,9 +42,9 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     ) -> tuple[PyTree, ScaleByLionState]:
         h = state.hyperparams
         direction = foreach_map(
-            lambda m, g: (h["b1"] * m + (1 - h["b1"]) * g).sign(), state.mu, updates
+            lambda m, g: m.mul(h["b1"]).add(g.mul(1 - h["b1"])).sign(), state.mu, updates
         )
-        mu = foreach_map(lambda m, g: h["b2"] * m + (1 - h["b2"]) * g, state.mu, updates)
+        mu = foreach_map(lambda m, g: m.mul(h["b2"]).add(g.mul(1 - h["b2"])), state.mu, updates)
         return direction, ScaleByLionState(mu, h)
 
     return GradientTransformation(init, update)

@@ -39,7 +39,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, AddDecayedWeightsState]:
         decay = state.hyperparams["weight_decay"]
-        updates = foreach_map(lambda u, p: u + decay * p.to_dtypes_of(u), updates, params)
+        updates = foreach_map(lambda u, p: u + p.to_dtypes_of(u).mul(decay), updates, params)
         return updates, state
 
     return GradientTransformation(init, update)
