@@ -100,12 +100,23 @@ def _split_output(out: Any, flag: str) -> tuple[Any, Any]:
 
 
 def _loss_parts(
-    loss_fn: LossFn, *, has_aux: bool, has_weight: bool
-) -> Callable[[PyTree, PyTree, int], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Any]]]:
-    """``f(params, microbatch, size) -> (loss, (loss.detach(), weight, aux))``, checked."""
+    loss_fn: LossFn, *, has_aux: bool, has_weight: bool, has_state: bool = False
+) -> Callable[[PyTree, PyTree, int], tuple[torch.Tensor, tuple[Any, ...]]]:
+    """``f(params, microbatch, size) -> (loss, (loss.detach(), weight, aux, new_state))``.
+
+    With ``has_state`` the microbatch argument is ``(model_state, microbatch)``
+    and ``loss_fn(params, model_state, microbatch)`` returns ``(out,
+    new_model_state)``; ``()`` stands for no aux and for no state.
+    """
 
     def loss_parts(params: PyTree, microbatch: PyTree, size: int) -> tuple[torch.Tensor, Any]:
-        out = loss_fn(params, microbatch)
+        new_state: Any = ()
+        if has_state:
+            model_state, microbatch = microbatch
+            out, new_state = _split_output(loss_fn(params, model_state, microbatch), "has_state")
+            new_state = optree.tree_map(torch.Tensor.detach, new_state)
+        else:
+            out = loss_fn(params, microbatch)
         aux: Any = ()  # vmap and scan need tensor outputs; () stands for "no aux"
         if has_aux:
             out, aux = _split_output(out, "has_aux")
@@ -131,7 +142,7 @@ def _loss_parts(
             raise FuncaccumError(
                 f"the weight loss_fn returns must be 0-d, got shape {tuple(weight.shape)}"
             )
-        return loss, (loss.detach(), weight, aux)
+        return loss, (loss.detach(), weight, aux, new_state)
 
     return loss_parts
 
@@ -240,9 +251,15 @@ class _Driver:
         has_aux: bool,
         has_weight: bool,
         randomness: Randomness,
+        has_state: bool = False,
         compile: bool = False,
     ) -> None:
         _check_options(reducer, strategy, chunk_size, randomness)
+        if has_state and strategy != "scan":
+            raise FuncaccumError(
+                "has_state=True (batch norm's running statistics, say) needs strategy='scan': "
+                "each microbatch must see the state the one before it left, in order"
+            )
         self.loss_fn = loss_fn
         self.reducer = reducer
         self.strategy = strategy
@@ -250,7 +267,10 @@ class _Driver:
         self.has_aux = has_aux
         self.has_weight = has_weight
         self.randomness = randomness
-        forward = _loss_parts(loss_fn, has_aux=has_aux, has_weight=has_weight)
+        self.has_state = has_state
+        forward = _loss_parts(
+            loss_fn, has_aux=has_aux, has_weight=has_weight, has_state=has_state
+        )
         self.value_and_grad = _func_value_and_grad(forward)
         self._autograd_step = _autograd_value_and_grad(_compiled(forward, compile))
         self._fold_units = _compiled(self.fold_units, compile)
@@ -258,7 +278,7 @@ class _Driver:
 
     def fold_units(self, state: FoldState, grads: PyTree, rest: Any) -> FoldState:
         """Fold one microbatch (0-d weight) or a stacked chunk of them into ``state``."""
-        loss, weight, _ = rest
+        loss, weight = rest[:2]
         weight = weight.to(state.weight_sum.dtype)
         present = weight != 0
         if self.has_weight:
@@ -293,9 +313,13 @@ class _Driver:
         return step(params, state, chunk, size)
 
     def run(
-        self, params: PyTree, groups: list[MicrobatchGroup], state: FoldState
-    ) -> tuple[FoldState, Any]:
-        """Fold every group; returns the state and the stacked aux outputs (or None)."""
+        self,
+        params: PyTree,
+        groups: list[MicrobatchGroup],
+        state: FoldState,
+        model_state: PyTree = (),
+    ) -> tuple[FoldState, Any, PyTree]:
+        """Fold every group; returns the state, the stacked aux (or None), the model state."""
         outputs = []
         for group in groups:
             if not isinstance(self.strategy, str):  # a strategy object, such as ghost(module)
@@ -305,28 +329,34 @@ class _Driver:
             elif self.strategy == "chunked":
                 state, ys = self._chunked(params, state, group)
             else:
-                state, ys = self._sequential(params, state, group)
+                state, ys, model_state = self._sequential(params, state, group, model_state)
             outputs.append(ys)
-        aux = _concat([aux for _, _, aux in outputs])
-        return state, aux if self.has_aux else None
+        aux = _concat([ys[2] for ys in outputs])
+        return state, aux if self.has_aux else None, model_state
 
     def _sequential(
-        self, params: PyTree, state: FoldState, group: MicrobatchGroup
-    ) -> tuple[FoldState, Any]:
+        self, params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
+    ) -> tuple[FoldState, Any, PyTree]:
+        """One microbatch at a time, the model state threaded through them in order."""
         if torch.compiler.is_compiling():
 
-            def body(state: FoldState, microbatch: PyTree) -> tuple[FoldState, Any]:
-                grads, rest = self.value_and_grad(params, microbatch, group.size)
-                return self.fold_units(state, grads, rest), rest
+            def body(carry: tuple, microbatch: PyTree) -> tuple[tuple, Any]:
+                state, model_state = carry
+                inputs = (model_state, microbatch) if self.has_state else microbatch
+                grads, rest = self.value_and_grad(params, inputs, group.size)
+                return (self.fold_units(state, grads, rest), rest[3]), rest[:3]
 
-            return _scan(body, state, group.batch)
+            (state, model_state), ys = _scan(body, (state, model_state), group.batch)
+            return state, ys, model_state
         outputs = []
         for i in range(group.count):
             microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
-            grads, rest = self._autograd_step(params, microbatch, group.size)
+            inputs = (model_state, microbatch) if self.has_state else microbatch
+            grads, rest = self._autograd_step(params, inputs, group.size)
             state = self._fold_units(state, grads, rest)
-            outputs.append(rest)
-        return state, _stack(outputs)
+            model_state = rest[3]
+            outputs.append(rest[:3])
+        return state, _stack(outputs), model_state
 
     def _chunked(
         self, params: PyTree, state: FoldState, group: MicrobatchGroup
@@ -366,7 +396,8 @@ class _Driver:
         *,
         num_microbatches: int | None,
         microbatch_size: int | None,
-    ) -> tuple[FoldState, Any]:
+        model_state: PyTree = (),
+    ) -> tuple[FoldState, Any, PyTree]:
         """Split ``batch`` and fold every microbatch into ``state`` (None: a new one)."""
         if num_microbatches is None and microbatch_size is None:
             num_microbatches = 1
@@ -375,7 +406,7 @@ class _Driver:
         )
         if state is None:
             state = init_fold(params, reducer=self.reducer)
-        return self.run(params, groups, state)
+        return self.run(params, groups, state, model_state)
 
 
 def _compiled(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
@@ -524,7 +555,7 @@ def fold(
         loss_fn, reducer=mean() if reducer is None else reducer, strategy=strategy,
         chunk_size=chunk_size, has_aux=has_aux, has_weight=has_weight, randomness=randomness,
     )  # fmt: skip
-    state, _ = driver.fold(
+    state, _, _ = driver.fold(
         params, batch, state, num_microbatches=num_microbatches, microbatch_size=microbatch_size
     )
     return state
@@ -594,7 +625,7 @@ def accumulate(
         loss_fn, reducer=reducer, strategy=strategy, chunk_size=chunk_size, has_aux=has_aux,
         has_weight=has_weight, randomness=randomness,
     )  # fmt: skip
-    state, aux = driver.fold(
+    state, aux, _ = driver.fold(
         params, batch, None, num_microbatches=num_microbatches, microbatch_size=microbatch_size
     )
     return finalize(state, reducer=reducer, aux=aux)
@@ -636,5 +667,5 @@ def microbatch_grads(
     ):
         batched = vmap(value_and_grad, in_dims=(None, 0, None), randomness=randomness)
         outputs.append(_raise_on_randomness(batched, params, group.batch, group.size))
-    grads, (losses, weights, aux) = _concat(outputs)
+    grads, (losses, weights, aux, _) = _concat(outputs)
     return MicrobatchGrads(grads, losses, weights, aux if has_aux else None)

@@ -98,9 +98,11 @@ class AdaptiveBatching:
         """One optimizer step on the next microbatches; ``metrics["k"]`` says how many."""
         target = min(max(self.k, self.k_min), self.k_max)
         folded = self.step.init_fold(state)
-        count = 0
+        model_state, count = state.model_state, 0
         for microbatch in microbatches:
-            folded, _ = self._parts.fold(state, microbatch, folded)
+            # Each microbatch sees the model state the one before it left.
+            seen = state._replace(model_state=model_state)
+            folded, _, model_state = self._parts.fold(seen, microbatch, folded)
             count += 1
             if self.controller == "predictive":
                 if count >= target:
@@ -109,7 +111,8 @@ class AdaptiveBatching:
                 break
         if count == 0:
             raise StopIteration
-        state, metrics = self._parts.apply(state, folded)
+        new_model_state = model_state if self.step.has_state else None
+        state, metrics = self._parts.apply(state, folded, new_model_state)
         self.step.check_skips(state, metrics)
         if self.controller == "predictive":
             self.k = int(metrics["suggested_k"])

@@ -44,10 +44,13 @@ class StepParts(NamedTuple):
     """A step's two halves as :meth:`TrainStep.parts` runs them, eagerly or compiled.
 
     Attributes:
-        fold: ``fold(state, batch, folded=None) -> (folded, aux)``: the batch's
-            microbatches folded into ``folded`` (a new accumulation if None);
-            ``aux`` is the stacked auxiliary outputs, or None.
-        apply: ``apply(state, folded) -> (state, metrics)``: :meth:`TrainStep.apply`.
+        fold: ``fold(state, batch, folded=None) -> (folded, aux, model_state)``:
+            the batch's microbatches folded into ``folded`` (a new accumulation
+            if None); ``aux`` is the stacked auxiliary outputs, or None;
+            ``model_state`` what the last microbatch left (``state.model_state``
+            without ``has_state``).
+        apply: ``apply(state, folded, model_state=None) -> (state, metrics)``:
+            :meth:`TrainStep.apply`.
     """
 
     fold: Callable[..., tuple[FoldState, Any]]
@@ -64,6 +67,8 @@ class TrainState(NamedTuple):
         skipped: steps skipped because the loss, gradient or update was not finite.
         consecutive_skips: skipped steps since the last applied one.
         reducer_carry: the reducer's cross-step statistics (``()`` if none).
+        model_state: the model's own state, such as batch norm's running
+            statistics, for a loss with ``has_state`` (``()`` if none).
     """
 
     params: PyTree
@@ -72,6 +77,7 @@ class TrainState(NamedTuple):
     skipped: torch.Tensor
     consecutive_skips: torch.Tensor
     reducer_carry: Any
+    model_state: Any = ()
 
 
 class TrainStep:
@@ -106,6 +112,7 @@ class TrainStep:
         self.reducer = reducer
         self.microbatching = microbatching
         self._options = options
+        self.has_state = options["has_state"]
         self.has_aux = has_aux
         self.compute_dtype = compute_dtype
         self.max_consecutive_skips = max_consecutive_skips
@@ -113,15 +120,26 @@ class TrainStep:
         self.compile = compile
         self._parts: dict[bool, StepParts] = {}
 
-    def _loss(self, params: PyTree, batch: PyTree) -> Any:
-        return self.loss_fn(tree_cast(params, self.compute_dtype), batch)
+    def _loss(self, params: PyTree, *args: PyTree) -> Any:
+        """The user's loss on params cast to the compute dtype (``args``: [model_state,] batch)."""
+        return self.loss_fn(tree_cast(params, self.compute_dtype), *args)
 
-    def init(self, params: PyTree) -> TrainState:
-        """A fresh state: the params (detached, not copied), a new optimizer state, zero counts."""
+    def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
+        """A fresh state: the params (detached, not copied), a new optimizer state, zero counts.
+
+        ``model_state`` (the buffers of ``functional_model(module, has_state=True)``)
+        is required by a step with ``has_state`` and refused by one without.
+        """
+        if bool(optree.tree_leaves(model_state)) != self.has_state:
+            raise FuncaccumError(
+                "a step with has_state=True needs init(params, model_state=...), and only such "
+                "a step takes a model_state"
+            )
         params = optree.tree_map(torch.Tensor.detach, params)
+        model_state = optree.tree_map(torch.Tensor.detach, model_state)
         counts = [torch.zeros((), dtype=torch.int64, device=tree_device(params)) for _ in range(3)]
         carry = self.reducer.track.init(params) if self.reducer.track is not None else ()
-        return TrainState(params, self.optimizer.init(params), *counts, carry)
+        return TrainState(params, self.optimizer.init(params), *counts, carry, model_state)
 
     def init_fold(self, state: TrainState) -> FoldState:
         """An empty accumulation for one optimizer step from ``state``."""
@@ -145,14 +163,21 @@ class TrainStep:
 
             def fold(
                 state: TrainState, batch: PyTree, folded: FoldState | None = None
-            ) -> tuple[FoldState, Any]:
-                return driver.fold(state.params, batch, folded, **microbatching)
+            ) -> tuple[FoldState, Any, PyTree]:
+                return driver.fold(
+                    state.params, batch, folded, model_state=state.model_state, **microbatching
+                )
 
             self._parts[compile] = StepParts(fold, _compiled(self.apply, compile))
         return self._parts[compile]
 
     def fold(self, state: TrainState, batch: PyTree, folded: FoldState | None = None) -> FoldState:
         """Fold ``batch``'s microbatches into ``folded`` (pure; auxiliary outputs are dropped)."""
+        if self.has_state:
+            raise FuncaccumError(
+                "TrainStep.fold drops the model state a has_state step produces; use "
+                "step.parts().fold, which returns it, and pass it to apply"
+            )
         return self.parts(False).fold(state, batch, folded)[0]
 
     def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
@@ -169,14 +194,21 @@ class TrainStep:
     def _step(
         self, parts: StepParts, state: TrainState, batch: PyTree
     ) -> tuple[TrainState, Metrics]:
-        folded, aux = parts.fold(state, batch)
-        state, metrics = parts.apply(state, folded)
+        folded, aux, model_state = parts.fold(state, batch)
+        state, metrics = parts.apply(state, folded, model_state if self.has_state else None)
         if self.has_aux:
             metrics["aux"] = aux
         return state, metrics
 
-    def apply(self, state: TrainState, folded: FoldState) -> tuple[TrainState, Metrics]:
-        """Finish the accumulation in ``folded`` and take one optimizer step (pure)."""
+    def apply(
+        self, state: TrainState, folded: FoldState, model_state: PyTree = None
+    ) -> tuple[TrainState, Metrics]:
+        """Finish the accumulation in ``folded`` and take one optimizer step (pure).
+
+        ``model_state`` is the model state the fold left (None: unchanged); a
+        skipped step keeps the old one, like the params.
+        """
+        new_model_state = state.model_state if model_state is None else model_state
         result = finalize(folded, reducer=self.reducer)
         stats, carry = result.stats, state.reducer_carry
         if self.reducer.track is not None:
@@ -203,8 +235,10 @@ class TrainStep:
         finite = finite & torch.isfinite(tree_global_norm(updates))
         finite = finite & torch.isfinite(tree_global_norm(params))
         # A non-finite step changes nothing but the skip counts: bit-identical params and state.
-        params, opt_state, carry = tree_select(
-            finite, (params, opt_state, carry), (state.params, state.opt_state, state.reducer_carry)
+        params, opt_state, carry, new_model_state = tree_select(
+            finite,
+            (params, opt_state, carry, new_model_state),
+            (state.params, state.opt_state, state.reducer_carry, state.model_state),
         )
         new_state = TrainState(
             params,
@@ -213,6 +247,7 @@ class TrainStep:
             state.skipped + ~finite,
             torch.where(finite, 0, state.consecutive_skips + 1),
             carry,
+            new_model_state,
         )
         metrics: Metrics = {
             "loss": result.loss,
@@ -261,6 +296,7 @@ def train_step(
     chunk_size: int | None = None,
     has_aux: bool = False,
     has_weight: bool = False,
+    has_state: bool = False,
     randomness: Randomness = "error",
     compute_dtype: torch.dtype | None = None,
     max_consecutive_skips: int | None = 10,
@@ -297,6 +333,13 @@ def train_step(
         chunk_size: as for :func:`~funcaccum.accumulate`.
         has_aux: ``loss_fn`` also returns auxiliary outputs, given as ``metrics["aux"]``.
         has_weight: ``loss_fn`` also returns its weight.
+        has_state: the loss is ``loss_fn(params, model_state, batch) -> (out,
+            new_model_state)``, where ``out`` is what a loss without state
+            returns: for batch norm in training mode, with
+            ``functional_model(module, has_state=True)``. Each microbatch sees
+            the state the one before it left, in order, as a hand-written loop
+            does; the state lives in :attr:`TrainState.model_state`
+            (``step.init(params, model_state=buffers)``). Needs ``strategy="scan"``.
         randomness: as for :func:`~funcaccum.accumulate`.
         compute_dtype: run ``loss_fn`` on params cast to this dtype (bf16,
             fp16) while the state keeps the params in their own dtype (float32
@@ -348,6 +391,7 @@ def train_step(
         "strategy": strategy,
         "chunk_size": chunk_size,
         "has_weight": has_weight,
+        "has_state": has_state,
         "randomness": randomness,
     }
     return TrainStep(

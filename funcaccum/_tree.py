@@ -89,7 +89,8 @@ class Leaves:
         *other: Leaves | Scalar,
     ) -> Leaves:
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
-        if any(torch._C._functorch.is_batchedtensor(x) for x in self.tensors):
+        tensors = [self.tensors, *(t for t in lists if t is not None)]
+        if any(torch._C._functorch.is_batchedtensor(x) for xs in tensors for x in xs):
             return Leaves([single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)])
         return Leaves(foreach(self.tensors, *_pick(other, lists, None)))
 

@@ -160,6 +160,12 @@ class DataParallel:
                 "DataParallel needs torch.distributed initialised: call "
                 "torch.distributed.init_process_group first (torchrun sets the environment)"
             )
+        if step.has_state:
+            raise FuncaccumError(
+                "DataParallel does not take a step with has_state=True yet: each rank's model "
+                "state (batch norm statistics) would drift apart; train with module.eval() "
+                "norms, or on one process"
+            )
         self.step, self.group, self.timeout = step, group, timeout
         self.calls = 0  # optimizer steps attempted, to name one in an error
         self._parts = step.parts(compile)
