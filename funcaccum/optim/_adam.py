@@ -9,7 +9,8 @@ import torch
 
 from .._reducer import accumulator_like
 from .._tree import PyTree, tree_device
-from ._base import GradientTransformation, Schedule, chain, hyperparams
+from .._validate import check_hyperparam
+from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._weight_decay import add_decayed_weights
 
@@ -25,6 +26,7 @@ class ScaleByAdamState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # b1, b2, eps
 
 
+@checked(ScaleByAdamState)
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Rescale by Adam's bias-corrected moment estimates (Kingma and Ba 2015, "Adam").
 
@@ -38,6 +40,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     >>> updates["w"]                                # the first step is sign(g), near enough
     tensor([ 1.0000, -1.0000])
     """
+    check_hyperparam("b1", b1)
+    check_hyperparam("b2", b2)
+    check_hyperparam("eps", eps)
 
     def init(params: PyTree) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -74,6 +79,7 @@ def adam(
 ) -> GradientTransformation:
     """Adam, as :class:`torch.optim.Adam`: ``weight_decay`` is L2, added to the gradient.
 
+
     Example:
         >>> from funcaccum import optim
         >>> rule = optim.adam(1e-3)
@@ -81,6 +87,8 @@ def adam(
         >>> state = rule.init(params)
         >>> updates, state = rule.update({"w": torch.randn(3)}, state, params)
     """
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
+    check_hyperparam("weight_decay", weight_decay)
     transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
     return chain(*transforms, scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
 
@@ -103,6 +111,7 @@ def adamw(
         >>> rule = optim.adamw(optim.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000))
         >>> state = rule.init({"w": torch.zeros(3)})
     """
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     return chain(
         scale_by_adam(b1, b2, eps),
         add_decayed_weights(weight_decay),

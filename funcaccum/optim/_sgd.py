@@ -7,9 +7,11 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from .._errors import FuncaccumError
 from .._reducer import accumulator_like
 from .._tree import PyTree
-from ._base import GradientTransformation, Schedule, chain, hyperparams
+from .._validate import check_bool, check_hyperparam
+from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._weight_decay import add_decayed_weights
 
@@ -23,6 +25,7 @@ class TraceState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # momentum
 
 
+@checked(TraceState)
 def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum: ``t = momentum * t + g``; the update is ``t`` (or ``g + momentum * t``).
 
@@ -38,6 +41,8 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
     >>> first["w"].item(), second["w"].item()
     (1.0, 1.5)
     """
+    check_hyperparam("momentum", momentum)
+    check_bool("nesterov", nesterov)
 
     def init(params: PyTree) -> TraceState:
         return TraceState(accumulator_like(params), hyperparams(params, momentum=momentum))
@@ -76,6 +81,12 @@ def sgd(
         >>> optim.apply_updates(params, updates)
         {'w': tensor([0.9000, 0.9000])}
     """
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
+    check_hyperparam("momentum", momentum)
+    check_bool("nesterov", nesterov)
+    check_hyperparam("weight_decay", weight_decay)
+    if nesterov and not momentum:  # as torch.optim.SGD: plain SGD is not what was asked for
+        raise FuncaccumError("nesterov=True needs a momentum > 0, got momentum=0")
     transforms = []
     if weight_decay:
         transforms.append(add_decayed_weights(weight_decay))

@@ -8,7 +8,8 @@ import optree
 import torch
 
 from .._tree import PyTree
-from ._base import GradientTransformation, hyperparams
+from .._validate import check_hyperparam
+from ._base import GradientTransformation, checked, hyperparams
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
@@ -19,6 +20,7 @@ class AddDecayedWeightsState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # weight_decay
 
 
+@checked(AddDecayedWeightsState, needs_params=True)
 def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     """Add ``weight_decay * params`` to the updates.
 
@@ -28,10 +30,12 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
     Decay Regularization").
 
     >>> rule = add_decayed_weights(0.1)
-    >>> params = {"w": torch.tensor([2.0])}
-    >>> rule.update({"w": torch.tensor([1.0])}, rule.init(params), params)[0]
-    {'w': tensor([1.2000])}
+    >>> params = {"w": torch.tensor([2.0]), "b": torch.tensor([2.0])}
+    >>> grads = {"w": torch.tensor([1.0]), "b": torch.tensor([1.0])}
+    >>> rule.update(grads, rule.init(params), params)[0]
+    {'w': tensor([1.2000]), 'b': tensor([1.2000])}
     """
+    check_hyperparam("weight_decay", weight_decay)
 
     def init(params: PyTree) -> AddDecayedWeightsState:
         return AddDecayedWeightsState(hyperparams(params, weight_decay=weight_decay))
