@@ -12,6 +12,7 @@ from .._tree import PyTree, tree_device
 from .._validate import check_hyperparam
 from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
+from ._masked import Mask
 from ._weight_decay import add_decayed_weights
 
 __all__ = ["ScaleByAdamState", "adam", "adamw", "scale_by_adam"]
@@ -76,9 +77,12 @@ def adam(
     eps: float = 1e-8,
     *,
     weight_decay: float = 0.0,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """Adam, as :class:`torch.optim.Adam`: ``weight_decay`` is L2, added to the gradient.
 
+    ``mask`` limits the decay to some params (see
+    :func:`~funcaccum.optim.add_decayed_weights`).
 
     Example:
         >>> from funcaccum import optim
@@ -89,7 +93,7 @@ def adam(
     """
     check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     check_hyperparam("weight_decay", weight_decay)
-    transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
+    transforms = [add_decayed_weights(weight_decay, mask=mask)] if weight_decay else []
     return chain(*transforms, scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
 
 
@@ -100,20 +104,27 @@ def adamw(
     eps: float = 1e-8,
     *,
     weight_decay: float = 1e-2,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """AdamW, as :class:`torch.optim.AdamW`: weight decay decoupled from the moments.
 
     The step is ``-learning_rate * (adam_update + weight_decay * params)``
     (Loshchilov and Hutter 2019, "Decoupled Weight Decay Regularization").
+    ``mask`` limits the decay to some params, as a torch parameter group with
+    ``weight_decay=0`` for the rest: a pytree of bools like the params, or a
+    callable such as :func:`~funcaccum.optim.decay_mask` (biases and norm
+    scales excluded).
 
     Example:
         >>> from funcaccum import optim
         >>> rule = optim.adamw(optim.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000))
         >>> state = rule.init({"w": torch.zeros(3)})
+        >>> rule = optim.adamw(1e-3, weight_decay=0.1, mask=optim.decay_mask)
+        >>> state = rule.init({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)})
     """
     check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     return chain(
         scale_by_adam(b1, b2, eps),
-        add_decayed_weights(weight_decay),
+        add_decayed_weights(weight_decay, mask=mask),
         scale_by_learning_rate(learning_rate),
     )

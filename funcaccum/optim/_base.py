@@ -213,9 +213,12 @@ def _map_hyperparams(state: Any, fn: Callable[[Hyperparams], Hyperparams]) -> An
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         if "hyperparams" in state._fields:
             return state._replace(hyperparams=fn(state.hyperparams))
-        return state
+        # A state holding other states (masked, multi_transform): look inside.
+        return state._make(_map_hyperparams(inner, fn) for inner in state)
     if isinstance(state, tuple):
         return tuple(_map_hyperparams(inner, fn) for inner in state)
+    if type(state) is dict:  # multi_transform's states by label; other mappings are leaves
+        return {key: _map_hyperparams(inner, fn) for key, inner in state.items()}
     return state
 
 
@@ -249,7 +252,9 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
 
     Each value is checked with the rule its factory applies (``learning_rate``,
     ``weight_decay``, ``eps`` >= 0; ``b1``, ``b2``, ``momentum`` in [0, 1);
-    ``max_norm`` > 0; all finite).
+    ``max_norm`` > 0; all finite). In a state with several groups
+    (:func:`~funcaccum.optim.multi_transform`) a name is set in every group;
+    to set one group's, pass that group's state, ``state.inner_states[label]``.
 
     Raises:
         FuncaccumError: a name the state does not have, or a value out of its range.

@@ -12,6 +12,7 @@ from .._tree import PyTree
 from .._validate import check_hyperparam
 from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
+from ._masked import Mask
 from ._weight_decay import add_decayed_weights
 
 __all__ = ["ScaleByLionState", "lion", "scale_by_lion"]
@@ -61,9 +62,12 @@ def lion(
     b2: float = 0.99,
     *,
     weight_decay: float = 0.0,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """Lion with decoupled weight decay: ``-learning_rate * (sign(...) + weight_decay * params)``.
 
+    ``mask`` limits the decay to some params (see
+    :func:`~funcaccum.optim.add_decayed_weights`).
 
     Example:
         >>> from funcaccum import optim
@@ -72,5 +76,5 @@ def lion(
     """
     check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     check_hyperparam("weight_decay", weight_decay)
-    transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
+    transforms = [add_decayed_weights(weight_decay, mask=mask)] if weight_decay else []
     return chain(scale_by_lion(b1, b2), *transforms, scale_by_learning_rate(learning_rate))

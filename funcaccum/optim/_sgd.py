@@ -13,6 +13,7 @@ from .._tree import PyTree
 from .._validate import check_bool, check_hyperparam
 from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
+from ._masked import Mask
 from ._weight_decay import add_decayed_weights
 
 __all__ = ["TraceState", "sgd", "trace"]
@@ -67,11 +68,14 @@ def sgd(
     *,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """SGD with optional momentum, Nesterov momentum and L2 weight decay.
 
     Follows :class:`torch.optim.SGD` (with ``dampening=0``): the gradient gets
     ``weight_decay * params`` added, then momentum, then ``-learning_rate``.
+    ``mask`` limits the decay to some params (see
+    :func:`~funcaccum.optim.add_decayed_weights`).
 
     Example:
         >>> from funcaccum import optim
@@ -89,7 +93,7 @@ def sgd(
         raise FuncaccumError("nesterov=True needs a momentum > 0, got momentum=0")
     transforms = []
     if weight_decay:
-        transforms.append(add_decayed_weights(weight_decay))
+        transforms.append(add_decayed_weights(weight_decay, mask=mask))
     if momentum or nesterov:
         transforms.append(trace(momentum, nesterov=nesterov))
     transforms.append(scale_by_learning_rate(learning_rate))
