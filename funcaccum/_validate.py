@@ -100,11 +100,9 @@ got 1.0
         return value
     if allow_schedule and callable(value) and not isinstance(value, torch.Tensor):
         return value
-    accepted = (
-        "a Python number, a 0-d tensor or a schedule"
-        if allow_schedule
-        else ("a Python number or a 0-d tensor")
-    )
+    accepted = "a Python number or a 0-d tensor"
+    if allow_schedule:
+        accepted = "a Python number, a 0-d tensor or a schedule"
     if allow_none:
         accepted += ", or None"
     if low is not None and high is not None:
