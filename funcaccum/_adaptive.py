@@ -9,8 +9,9 @@ import torch
 
 from . import _tree
 from ._errors import FuncaccumError
-from ._reducer import Reducer, Tracker, accumulator_like, as_units, merge_states, scalar_zeros
+from ._reducer import Reducer, Tracker, accumulator_like, as_units, scalar_zeros, typed_merge
 from ._tree import PyTree, tree_add_weighted, tree_scale, tree_vdot
+from ._validate import check_dtype, check_int, check_real, check_state
 
 __all__ = [
     "AdaptiveCarry",
@@ -177,12 +178,14 @@ def adaptive(
         >>> round(stats["noise_scale"].item(), 3), bool(stats["ready"])   # B = T / G2
         (0.103, True)
     """
-    if not theta > 0:
-        raise FuncaccumError(f"theta must be > 0, got {theta}")
+    check_real("base_batch_size", base_batch_size, low=0, low_inclusive=False, allow_none=True)
+    check_real("theta", theta, low=0, low_inclusive=False)
+    check_int("k_min", k_min)
+    check_int("k_max", k_max)
     if not 2 <= k_min <= k_max:
         raise FuncaccumError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
-    if not 0 < decay < 1:
-        raise FuncaccumError(f"decay must be in (0, 1), got {decay}")
+    check_real("decay", decay, low=0, high=1, low_inclusive=False, high_inclusive=False)
+    check_dtype("accum_dtype", accum_dtype, allow_none=False)
     options = {"base_batch_size": base_batch_size, "theta": theta, "k_min": k_min, "k_max": k_max}
 
     def init(params: PyTree) -> AdaptiveState:
@@ -191,6 +194,7 @@ def adaptive(
         return AdaptiveState(accumulator_like(params, accum_dtype), squares, n, k)
 
     def fold(state: AdaptiveState, grads: PyTree, weight: torch.Tensor) -> AdaptiveState:
+        check_state(state, AdaptiveState, owner="adaptive()", role="fold")
         units, weights = as_units(grads, weight)
         weights = weights.to(_STATS)
 
@@ -206,6 +210,7 @@ def adaptive(
         )
 
     def finalize(state: AdaptiveState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+        check_state(state, AdaptiveState, owner="adaptive()", role="finalize")
         n, k = state.weight_sum, state.unit_count
         trace, grad_sq = noise_statistics(state)
         outputs = step_outputs(trace, grad_sq, n, k, **options)
@@ -239,4 +244,5 @@ def adaptive(
         )
         return new_carry, {**stats, **outputs._asdict(), "progress": carry.progress}
 
-    return Reducer(init, fold, merge_states, finalize, Tracker(init_carry, update_carry))
+    merge = typed_merge(AdaptiveState, "adaptive()")
+    return Reducer(init, fold, merge, finalize, Tracker(init_carry, update_carry))

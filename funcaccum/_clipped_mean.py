@@ -17,10 +17,11 @@ from ._reducer import (
     as_units,
     check_denominator,
     divisor,
-    merge_states,
     scalar_zeros,
+    typed_merge,
 )
 from ._tree import PyTree, accum_dtype, tree_add, tree_scale, tree_weighted_sum
+from ._validate import check_dtype, check_real, check_state
 
 __all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
 
@@ -103,10 +104,10 @@ def clipped_mean(
         >>> stats["clip_fraction"].item(), stats["norm_max"].item()
         (0.5, 5.0)
     """
-    if not max_norm > 0:
-        raise FuncaccumError(f"max_norm must be > 0, got {max_norm!r}")
-    if noise_multiplier < 0:
-        raise FuncaccumError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    check_real("max_norm", max_norm, low=0, low_inclusive=False)
+    check_real("noise_multiplier", noise_multiplier, low=0)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise FuncaccumError(f"generator must be a torch.Generator or None, got {generator!r}")
     if noise_multiplier > 0 and denominator is None:
         raise FuncaccumError(
             "with noise, choose the denominator explicitly: the expected batch size "
@@ -114,7 +115,7 @@ def clipped_mean(
             "is itself private under Poisson sampling)"
         )
     check_denominator(denominator)
-    override = accum_dtype
+    override = check_dtype("accum_dtype", accum_dtype)
 
     def init(params: PyTree) -> ClippedMeanState:
         zeros = scalar_zeros(params, 6, override)
@@ -127,6 +128,7 @@ def clipped_mean(
         weighted_sum: Callable[[torch.Tensor], PyTree],
     ) -> ClippedMeanState:
         """Fold ``c`` units from their norms; ``weighted_sum(c)`` is ``sum_i c_i g_i``."""
+        check_state(state, ClippedMeanState, owner="clipped_mean()", role="fold")
         weights = weights.to(state.weight_sum.dtype)
         norms = norms.to(weights.dtype)
         # A non-finite norm gives a NaN factor, so it poisons the sum instead of vanishing.
@@ -161,6 +163,7 @@ def clipped_mean(
         return fold_by_norms(state, norms, weights, weighted_sum)
 
     def finalize(state: ClippedMeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+        check_state(state, ClippedMeanState, owner="clipped_mean()", role="finalize")
         total = state.clipped_sum
         if noise_multiplier > 0:
             std = noise_multiplier * max_norm
@@ -180,4 +183,5 @@ def clipped_mean(
             "clipped_norm_mean": state.clipped_norm_sum / units,
         }
 
-    return Reducer(init, fold, merge_states, finalize, fold_by_norms=fold_by_norms)
+    merge = typed_merge(ClippedMeanState, "clipped_mean()")
+    return Reducer(init, fold, merge, finalize, fold_by_norms=fold_by_norms)

@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ._errors import FuncaccumError
+from ._validate import describe
 
 __all__ = ["functional_model"]
 
@@ -22,6 +23,30 @@ def _batch_norms_in_training(module: nn.Module) -> list[str]:
         for name, sub in module.named_modules()
         if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training
     ]
+
+
+def _check_module(module: object) -> None:
+    if isinstance(module, type):
+        raise FuncaccumError(
+            f"functional_model needs a module instance, got the class {module.__name__}: "
+            f"make one first, functional_model({module.__name__}(...))"
+        )
+    if not isinstance(module, nn.Module):
+        hint = (
+            ": a plain function has no parameters; write the loss as loss_fn(params, batch) "
+            "and give the params to accumulate or train_step directly"
+            if callable(module)
+            else ""
+        )
+        raise FuncaccumError(
+            f"functional_model needs a torch.nn.Module, got {describe(module)}{hint}"
+        )
+    if not any(p.requires_grad for p in module.parameters()):
+        # torch.optim refuses an empty parameter list; training nothing is a mistake here too.
+        raise FuncaccumError(
+            f"the {type(module).__name__} has no trainable parameters (none with "
+            "requires_grad=True), so there is nothing to train"
+        )
 
 
 def functional_model(
@@ -51,7 +76,8 @@ def functional_model(
         ``(apply, params, buffers)``.
 
     Raises:
-        FuncaccumError: a batch-norm layer is in training mode.
+        FuncaccumError: ``module`` is not an ``nn.Module`` instance, it has no
+            trainable parameters, or a batch-norm layer is in training mode.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -62,6 +88,7 @@ def functional_model(
         >>> apply(params, buffers, x).shape             # (batch, outputs)
         torch.Size([5, 2])
     """
+    _check_module(module)
     if names := _batch_norms_in_training(module):
         raise FuncaccumError(
             f"batch norm in training mode at {names}: it mixes the examples of a microbatch, "

@@ -12,10 +12,11 @@ from ._reducer import (
     accumulator_like,
     check_denominator,
     divisor,
-    merge_states,
     scalar_zeros,
+    typed_merge,
 )
 from ._tree import PyTree, tree_add_weighted, tree_scale
+from ._validate import check_dtype, check_state
 
 __all__ = ["MeanState", "mean"]
 
@@ -59,18 +60,20 @@ def mean(
         {'w': tensor([0.7500, 0.2500])}
     """
     check_denominator(denominator)
-    override = accum_dtype
+    override = check_dtype("accum_dtype", accum_dtype)
 
     def init(params: PyTree) -> MeanState:
         return MeanState(accumulator_like(params, override), *scalar_zeros(params, 1, override))
 
     def fold(state: MeanState, grads: PyTree, weight: torch.Tensor) -> MeanState:
+        check_state(state, MeanState, owner="mean()", role="fold")
         weight = weight.to(state.weight_sum.dtype)
         return MeanState(
             tree_add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
         )
 
     def finalize(state: MeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+        check_state(state, MeanState, owner="mean()", role="finalize")
         return tree_scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), {}
 
-    return Reducer(init, fold, merge_states, finalize)
+    return Reducer(init, fold, typed_merge(MeanState, "mean()"), finalize)

@@ -10,6 +10,7 @@ import torch
 
 from ._errors import FuncaccumError
 from ._tree import PyTree, leaf_paths
+from ._validate import check_int
 
 __all__ = ["MicrobatchGroup", "batch_size", "plan_microbatches", "split_microbatches"]
 
@@ -26,14 +27,6 @@ class MicrobatchGroup(NamedTuple):
     batch: PyTree
     count: int
     size: int
-
-
-def _check_count(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise FuncaccumError(f"{name} must be an int, got {value!r}")
-    if value < 1:
-        raise FuncaccumError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def plan_microbatches(
@@ -57,10 +50,11 @@ def plan_microbatches(
             "give exactly one of num_microbatches and microbatch_size, got "
             f"num_microbatches={num_microbatches!r}, microbatch_size={microbatch_size!r}"
         )
-    if num_examples < 1:
+    if isinstance(num_examples, int) and num_examples == 0:
         raise FuncaccumError("the batch is empty: its leading dimension is 0")
+    check_int("num_examples", num_examples, low=1)
     if num_microbatches is not None:
-        k = _check_count("num_microbatches", num_microbatches)
+        k = check_int("num_microbatches", num_microbatches, low=1)
         if k > num_examples:
             raise FuncaccumError(
                 f"num_microbatches={k} is more than the batch's {num_examples} examples"
@@ -68,7 +62,7 @@ def plan_microbatches(
         size, extra = divmod(num_examples, k)
         groups = ((extra, size + 1), (k - extra, size))
     else:
-        m = min(_check_count("microbatch_size", microbatch_size), num_examples)
+        m = min(check_int("microbatch_size", microbatch_size, low=1), num_examples)
         full, rest = divmod(num_examples, m)
         groups = ((full, m), (1, rest))
     return tuple((count, size) for count, size in groups if count and size)

@@ -12,6 +12,7 @@ import torch
 
 from ._errors import FuncaccumError
 from ._tree import PyTree, accum_dtype, tree_device
+from ._validate import check_state
 
 __all__ = [
     "Denominator",
@@ -24,6 +25,7 @@ __all__ = [
     "divisor",
     "merge_states",
     "scalar_zeros",
+    "typed_merge",
     "weight_dtype",
 ]
 
@@ -96,6 +98,17 @@ def merge_states(a: Any, b: Any) -> Any:
         return x + y
 
     return optree.tree_map(merge, a, b, is_leaf=lambda x: isinstance(x, Maximum))
+
+
+def typed_merge(state_type: type, owner: str) -> Callable[[Any, Any], Any]:
+    """:func:`merge_states` for one reducer, refusing a state another reducer made."""
+
+    def merge(a: Any, b: Any) -> Any:
+        check_state(a, state_type, owner=owner, role="merge")
+        check_state(b, state_type, owner=owner, role="merge")
+        return merge_states(a, b)
+
+    return merge
 
 
 def weight_dtype(params: PyTree, override: torch.dtype | None = None) -> torch.dtype:

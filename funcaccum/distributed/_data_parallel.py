@@ -16,6 +16,7 @@ from .._errors import FuncaccumError
 from .._reducer import Maximum
 from .._train import Metrics, TrainState, TrainStep
 from .._tree import PyTree
+from .._validate import check_bool, check_real, describe
 
 __all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
 
@@ -155,6 +156,13 @@ class DataParallel:
         timeout: float | None = 300.0,
         compile: bool = False,
     ) -> None:
+        if not isinstance(step, TrainStep):
+            raise FuncaccumError(
+                f"step must be a TrainStep (from funcaccum.train_step), got {describe(step)}"
+            )
+        # A timeout <= 0 would fail every collective at once; None waits forever.
+        check_real("timeout", timeout, low=0, low_inclusive=False, allow_none=True)
+        check_bool("compile", compile)
         if not dist.is_available() or not dist.is_initialized():
             raise FuncaccumError(
                 "DataParallel needs torch.distributed initialised: call "

@@ -24,6 +24,8 @@ from ._learning_rate import (
     scale_by_schedule,
 )
 from ._lion import ScaleByLionState, lion, scale_by_lion
+from ._masked import Mask, MaskedState, decay_mask, masked
+from ._multi_transform import MultiTransformState, multi_transform
 from ._schedules import (
     constant_schedule,
     cosine_decay_schedule,
@@ -40,6 +42,9 @@ __all__ = [
     "AddDecayedWeightsState",
     "ClipByGlobalNormState",
     "GradientTransformation",
+    "Mask",
+    "MaskedState",
+    "MultiTransformState",
     "ScaleByAdamState",
     "ScaleByLearningRateState",
     "ScaleByLionState",
@@ -54,11 +59,14 @@ __all__ = [
     "clip_by_global_norm",
     "constant_schedule",
     "cosine_decay_schedule",
+    "decay_mask",
     "exponential_decay",
     "get_hyperparams",
     "join_schedules",
     "lion",
     "linear_schedule",
+    "masked",
+    "multi_transform",
     "piecewise_constant_schedule",
     "scale_by_adam",
     "scale_by_learning_rate",

@@ -8,8 +8,10 @@ import torch
 
 from .._reducer import accumulator_like
 from .._tree import PyTree, foreach_map, tree_device
-from ._base import GradientTransformation, Schedule, chain, hyperparams
+from .._validate import check_hyperparam
+from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
+from ._masked import Mask
 from ._weight_decay import add_decayed_weights
 
 __all__ = ["ScaleByAdamState", "adam", "adamw", "scale_by_adam"]
@@ -24,6 +26,7 @@ class ScaleByAdamState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # b1, b2, eps
 
 
+@checked(ScaleByAdamState)
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Rescale by Adam's bias-corrected moment estimates (Kingma and Ba 2015, "Adam").
 
@@ -37,6 +40,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     >>> updates["w"]                                # the first step is sign(g), near enough
     tensor([ 1.0000, -1.0000])
     """
+    check_hyperparam("b1", b1)
+    check_hyperparam("b2", b2)
+    check_hyperparam("eps", eps)
 
     def init(params: PyTree) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -74,8 +80,12 @@ def adam(
     eps: float = 1e-8,
     *,
     weight_decay: float = 0.0,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """Adam, as :class:`torch.optim.Adam`: ``weight_decay`` is L2, added to the gradient.
+
+    ``mask`` limits the decay to some params (see
+    :func:`~funcaccum.optim.add_decayed_weights`).
 
     Example:
         >>> from funcaccum import optim
@@ -84,7 +94,9 @@ def adam(
         >>> state = rule.init(params)
         >>> updates, state = rule.update({"w": torch.randn(3)}, state, params)
     """
-    transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
+    check_hyperparam("weight_decay", weight_decay)
+    transforms = [add_decayed_weights(weight_decay, mask=mask)] if weight_decay else []
     return chain(*transforms, scale_by_adam(b1, b2, eps), scale_by_learning_rate(learning_rate))
 
 
@@ -95,19 +107,27 @@ def adamw(
     eps: float = 1e-8,
     *,
     weight_decay: float = 1e-2,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """AdamW, as :class:`torch.optim.AdamW`: weight decay decoupled from the moments.
 
     The step is ``-learning_rate * (adam_update + weight_decay * params)``
     (Loshchilov and Hutter 2019, "Decoupled Weight Decay Regularization").
+    ``mask`` limits the decay to some params, as a torch parameter group with
+    ``weight_decay=0`` for the rest: a pytree of bools like the params, or a
+    callable such as :func:`~funcaccum.optim.decay_mask` (biases and norm
+    scales excluded).
 
     Example:
         >>> from funcaccum import optim
         >>> rule = optim.adamw(optim.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000))
         >>> state = rule.init({"w": torch.zeros(3)})
+        >>> rule = optim.adamw(1e-3, weight_decay=0.1, mask=optim.decay_mask)
+        >>> state = rule.init({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)})
     """
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     return chain(
         scale_by_adam(b1, b2, eps),
-        add_decayed_weights(weight_decay),
+        add_decayed_weights(weight_decay, mask=mask),
         scale_by_learning_rate(learning_rate),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -9,15 +10,18 @@ import torch
 
 from .._errors import FuncaccumError
 from .._tree import PyTree, foreach_map, tree_device
+from .._validate import check_hyperparam, check_params, check_state, describe
 
 __all__ = [
     "GradientTransformation",
     "Schedule",
     "apply_updates",
     "chain",
+    "checked",
     "get_hyperparams",
     "hyperparams",
     "set_hyperparams",
+    "with_checks",
 ]
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
@@ -65,6 +69,94 @@ def hyperparams(params: PyTree, **values: float | torch.Tensor) -> dict[str, tor
     }
 
 
+def with_checks(
+    transform: GradientTransformation,
+    state_check: Callable[[Any], None],
+    *,
+    owner: str,
+    needs_params: bool = False,
+) -> GradientTransformation:
+    """``transform`` with its input checked: ``init`` checks the params, ``update`` the state.
+
+    Wrapping leaves the rule's own ``init`` and ``update`` plain. The update
+    checks are ``isinstance`` tests, free under ``torch.compile``.
+
+    Args:
+        transform: the transformation to guard.
+        state_check: raises :class:`FuncaccumError` for a state the rule did not make.
+        owner: the rule, for messages, such as ``"scale_by_adam()"``.
+        needs_params: ``update`` must be given the params (weight decay reads them).
+    """
+    inner_init, inner_update = transform
+
+    def init(params: PyTree) -> Any:
+        check_params(params)
+        return inner_init(params)
+
+    def update(
+        updates: PyTree, state: Any, params: PyTree = None, **extra: Any
+    ) -> tuple[PyTree, Any]:
+        state_check(state)
+        if needs_params and params is None:
+            raise FuncaccumError(
+                f"{owner} reads the params: call update(updates, state, params), not without them"
+            )
+        return inner_update(updates, state, params, **extra)
+
+    update.checked = True  # type: ignore[attr-defined]  # marks a guarded rule for checked()
+    return GradientTransformation(init, update)
+
+
+def checked(
+    state_type: type, *, needs_params: bool = False
+) -> Callable[[Callable[..., GradientTransformation]], Callable[..., GradientTransformation]]:
+    """Decorate a transformation factory so that what it returns checks its input.
+
+    ``init`` refuses params that are not floating tensors with storage (the
+    message names the leaf's path); ``update`` refuses a state that is not a
+    ``state_type`` (another rule's state, or the params in its place). A
+    factory that returns an already checked transformation (one built from
+    others, as ``add_decayed_weights(mask=...)`` is) passes it through.
+    """
+
+    def decorate(
+        factory: Callable[..., GradientTransformation],
+    ) -> Callable[..., GradientTransformation]:
+        owner = f"{factory.__name__}()"
+
+        def check(state: Any) -> None:
+            check_state(state, state_type, owner=owner)
+
+        @functools.wraps(factory)
+        def make(*args: Any, **kwargs: Any) -> GradientTransformation:
+            transform = factory(*args, **kwargs)
+            if getattr(transform.update, "checked", False):
+                return transform
+            return with_checks(transform, check, owner=owner, needs_params=needs_params)
+
+        return make
+
+    return decorate
+
+
+def _chain_state_check(count: int) -> Callable[[Any], None]:
+    def check(state: Any) -> None:
+        if isinstance(state, tuple) and not hasattr(state, "_fields") and len(state) == count:
+            return
+        if isinstance(state, tuple) and not hasattr(state, "_fields"):
+            got = f"a tuple of {len(state)} ({', '.join(type(s).__name__ for s in state)})"
+        elif isinstance(state, dict):
+            got = "a dict (params or gradients? the order is update(updates, state, params))"
+        else:
+            got = describe(state) if not isinstance(state, tuple) else f"a {type(state).__name__}"
+        raise FuncaccumError(
+            f"chain()'s update got {got}, not the tuple of {count} states its init makes (one "
+            "per chained transformation): pass the state this optimizer's own init returned"
+        )
+
+    return check
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transformations in order; the state is the tuple of their states.
 
@@ -77,6 +169,12 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         >>> updates["w"]
         tensor([-0.0600, -0.0800])
     """
+    for position, transform in enumerate(transforms):
+        if not isinstance(transform, GradientTransformation):
+            raise FuncaccumError(
+                f"chain's argument {position} must be a GradientTransformation (such as "
+                f"optim.sgd(0.1), called), got {describe(transform)}"
+            )
 
     def init(params: PyTree) -> tuple[Any, ...]:
         return tuple(t.init(params) for t in transforms)
@@ -90,7 +188,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(inner)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    return with_checks(
+        GradientTransformation(init, update), _chain_state_check(len(transforms)), owner="chain()"
+    )
 
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
@@ -112,9 +212,12 @@ def _map_hyperparams(state: Any, fn: Callable[[Hyperparams], Hyperparams]) -> An
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         if "hyperparams" in state._fields:
             return state._replace(hyperparams=fn(state.hyperparams))
-        return state
+        # A state holding other states (masked, multi_transform): look inside.
+        return state._make(_map_hyperparams(inner, fn) for inner in state)
     if isinstance(state, tuple):
         return tuple(_map_hyperparams(inner, fn) for inner in state)
+    if type(state) is dict:  # multi_transform's states by label; other mappings are leaves
+        return {key: _map_hyperparams(inner, fn) for key, inner in state.items()}
     return state
 
 
@@ -146,8 +249,14 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
     by a schedule is recomputed at every update, so setting it has no lasting
     effect.
 
+    Each value is checked with the rule its factory applies (``learning_rate``,
+    ``weight_decay``, ``eps`` >= 0; ``b1``, ``b2``, ``momentum`` in [0, 1);
+    ``max_norm`` > 0; all finite). In a state with several groups
+    (:func:`~funcaccum.optim.multi_transform`) a name is set in every group;
+    to set one group's, pass that group's state, ``state.inner_states[label]``.
+
     Raises:
-        FuncaccumError: a name the state does not have.
+        FuncaccumError: a name the state does not have, or a value out of its range.
 
     Example:
         >>> from funcaccum import optim
@@ -162,6 +271,8 @@ def set_hyperparams(opt_state: Any, **values: float | torch.Tensor) -> Any:
             f"the optimizer state has no hyperparameters {sorted(unknown)}; "
             f"it has {sorted(get_hyperparams(opt_state))}"
         )
+    for name, value in values.items():
+        check_hyperparam(name, value)
 
     def replace(current: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {

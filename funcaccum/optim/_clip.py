@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .._tree import PyTree, tree_global_norm, tree_scale
-from ._base import GradientTransformation, hyperparams
+from .._validate import check_hyperparam
+from ._base import GradientTransformation, checked, hyperparams
 
 __all__ = ["ClipByGlobalNormState", "clip_by_global_norm"]
 
@@ -18,6 +19,7 @@ class ClipByGlobalNormState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # max_norm
 
 
+@checked(ClipByGlobalNormState)
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale the whole update down to global L2 norm ``max_norm`` when it is longer.
 
@@ -31,6 +33,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     >>> rule.update({"w": torch.tensor([3.0, 4.0])}, rule.init(params))[0]
     {'w': tensor([0.6000, 0.8000])}
     """
+    check_hyperparam("max_norm", max_norm)
 
     def init(params: PyTree) -> ClipByGlobalNormState:
         return ClipByGlobalNormState(hyperparams(params, max_norm=max_norm))

@@ -7,7 +7,8 @@ from typing import Any, NamedTuple
 import torch
 
 from .._tree import PyTree, tree_device, tree_scale
-from ._base import GradientTransformation, Schedule, hyperparams
+from .._validate import check_callable, check_hyperparam
+from ._base import GradientTransformation, Schedule, checked, hyperparams
 
 __all__ = [
     "ScaleByLearningRateState",
@@ -28,6 +29,7 @@ class ScaleByLearningRateState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # learning_rate: the one the latest update used
 
 
+@checked(ScaleByLearningRateState)
 def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransformation:
     """Multiply updates by ``-learning_rate`` (descent); the rate may be a schedule.
 
@@ -47,6 +49,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         >>> updates["w"], state.hyperparams["learning_rate"].item()
         (tensor([-0.5000]), 0.5)
     """
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     schedule = learning_rate if callable(learning_rate) else None
 
     def init(params: PyTree) -> ScaleByLearningRateState:
@@ -72,6 +75,7 @@ class ScaleByScheduleState(NamedTuple):
     count: torch.Tensor
 
 
+@checked(ScaleByScheduleState)
 def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     """Multiply updates by ``schedule(count)``, the count of optimizer steps taken.
 
@@ -83,6 +87,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
     >>> first["w"].item(), second["w"].item()
     (1.0, 0.5)
     """
+    check_callable("schedule", schedule, "a function of the step count")
 
     def init(params: PyTree) -> ScaleByScheduleState:
         return ScaleByScheduleState(_count(params))

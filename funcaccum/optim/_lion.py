@@ -8,8 +8,10 @@ import torch
 
 from .._reducer import accumulator_like
 from .._tree import PyTree, foreach_map
-from ._base import GradientTransformation, Schedule, chain, hyperparams
+from .._validate import check_hyperparam
+from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
+from ._masked import Mask
 from ._weight_decay import add_decayed_weights
 
 __all__ = ["ScaleByLionState", "lion", "scale_by_lion"]
@@ -22,6 +24,7 @@ class ScaleByLionState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # b1, b2
 
 
+@checked(ScaleByLionState)
 def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     """The sign of an interpolated momentum.
 
@@ -33,6 +36,8 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     >>> rule.update({"w": torch.tensor([0.5, -2.0, 0.0])}, rule.init(params))[0]
     {'w': tensor([ 1., -1.,  0.])}
     """
+    check_hyperparam("b1", b1)
+    check_hyperparam("b2", b2)
 
     def init(params: PyTree) -> ScaleByLionState:
         return ScaleByLionState(accumulator_like(params), hyperparams(params, b1=b1, b2=b2))
@@ -56,13 +61,19 @@ def lion(
     b2: float = 0.99,
     *,
     weight_decay: float = 0.0,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """Lion with decoupled weight decay: ``-learning_rate * (sign(...) + weight_decay * params)``.
+
+    ``mask`` limits the decay to some params (see
+    :func:`~funcaccum.optim.add_decayed_weights`).
 
     Example:
         >>> from funcaccum import optim
         >>> rule = optim.lion(1e-4, weight_decay=0.1)
         >>> state = rule.init({"w": torch.zeros(3)})
     """
-    transforms = [add_decayed_weights(weight_decay)] if weight_decay else []
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
+    check_hyperparam("weight_decay", weight_decay)
+    transforms = [add_decayed_weights(weight_decay, mask=mask)] if weight_decay else []
     return chain(scale_by_lion(b1, b2), *transforms, scale_by_learning_rate(learning_rate))

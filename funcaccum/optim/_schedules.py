@@ -9,12 +9,14 @@ reads a new value every step without recompiling.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
 import torch
 
 from .._errors import FuncaccumError
+from .._validate import check_bool, check_callable, check_int, check_real, describe
 from ._base import HYPERPARAM_DTYPE, Schedule
 
 __all__ = [
@@ -32,17 +34,13 @@ def _steps(count: torch.Tensor) -> torch.Tensor:
     return count.to(HYPERPARAM_DTYPE)
 
 
-def _positive(name: str, value: int) -> None:
-    if value < 1:
-        raise FuncaccumError(f"{name} must be >= 1, got {value}")
-
-
 def constant_schedule(value: float) -> Schedule:
     """``value`` at every step.
 
     >>> constant_schedule(0.1)(torch.tensor(7))
     tensor(0.1000, dtype=torch.float64)
     """
+    check_real("value", value)
     return lambda count: torch.full_like(_steps(count), value)
 
 
@@ -56,7 +54,10 @@ def linear_schedule(
     >>> [round(linear_schedule(0.0, 1.0, 4)(torch.tensor(t)).item(), 2) for t in range(6)]
     [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
     """
-    _positive("transition_steps", transition_steps)
+    check_real("init_value", init_value)
+    check_real("end_value", end_value)
+    check_int("transition_steps", transition_steps, low=1)
+    check_int("transition_begin", transition_begin, low=0)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         fraction = torch.clamp((_steps(count) - transition_begin) / transition_steps, 0.0, 1.0)
@@ -76,7 +77,9 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
     >>> round(cosine_decay_schedule(1.0, 10)(torch.tensor(5)).item(), 6)
     0.5
     """
-    _positive("decay_steps", decay_steps)
+    check_real("init_value", init_value)
+    check_int("decay_steps", decay_steps, low=1)
+    check_real("alpha", alpha, low=0, high=1)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         fraction = torch.clamp(_steps(count) / decay_steps, max=1.0)
@@ -95,13 +98,19 @@ def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> 
     >>> [warmup_then_constant(torch.tensor(t)).item() for t in range(4)]
     [0.0, 0.5, 1.0, 1.0]
     """
+    schedules, boundaries = list(schedules), list(boundaries)
+    for i, later in enumerate(schedules):
+        check_callable(f"schedules[{i}]", later, "a schedule (a function of the step count)")
+    for i, boundary in enumerate(boundaries):
+        check_int(f"boundaries[{i}]", boundary, low=0)
     if len(schedules) != len(boundaries) + 1:
         raise FuncaccumError(
             f"join_schedules needs one boundary fewer than schedules, got {len(schedules)} "
             f"schedules and {len(boundaries)} boundaries"
         )
-    if list(boundaries) != sorted(boundaries):
-        raise FuncaccumError(f"boundaries must increase, got {list(boundaries)}")
+    if any(a >= b for a, b in itertools.pairwise(boundaries)):
+        # An equal pair would give the schedule between them no steps at all.
+        raise FuncaccumError(f"boundaries must strictly increase, got {boundaries}")
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         value = schedules[0](count)
@@ -128,6 +137,11 @@ def warmup_cosine_decay_schedule(
     >>> [round(schedule(torch.tensor(t)).item(), 3) for t in range(7)]
     [0.0, 0.5, 1.0, 0.854, 0.5, 0.146, 0.0]
     """
+    check_real("init_value", init_value)
+    check_real("peak_value", peak_value)
+    check_int("warmup_steps", warmup_steps)
+    check_int("decay_steps", decay_steps)
+    check_real("end_value", end_value)
     if not 0 < warmup_steps < decay_steps:
         raise FuncaccumError(
             f"need 0 < warmup_steps < decay_steps, got warmup_steps={warmup_steps}, "
@@ -154,7 +168,10 @@ def exponential_decay(
     >>> [exponential_decay(1.0, 2, 0.5, staircase=True)(torch.tensor(t)).item() for t in range(5)]
     [1.0, 1.0, 0.5, 0.5, 0.25]
     """
-    _positive("transition_steps", transition_steps)
+    check_real("init_value", init_value)
+    check_int("transition_steps", transition_steps, low=1)
+    check_real("decay_rate", decay_rate, low=0, low_inclusive=False)
+    check_bool("staircase", staircase)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         exponent = _steps(count) / transition_steps
@@ -177,6 +194,16 @@ def piecewise_constant_schedule(
     >>> [round(schedule(torch.tensor(t)).item(), 4) for t in range(6)]
     [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
     """
+    check_real("init_value", init_value)
+    if not isinstance(boundaries_and_scales, dict):
+        raise FuncaccumError(
+            f"boundaries_and_scales must be a dict of step to scale, got "
+            f"{describe(boundaries_and_scales)}"
+        )
+    for boundary, scale in boundaries_and_scales.items():
+        check_int("a boundary of boundaries_and_scales", boundary, low=0)
+        # A negative scale would flip the sign of what it scales (a learning rate: ascent).
+        check_real(f"boundaries_and_scales[{boundary}]", scale, low=0)
 
     def schedule(count: torch.Tensor) -> torch.Tensor:
         value = torch.full_like(_steps(count), init_value)

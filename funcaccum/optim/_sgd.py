@@ -6,10 +6,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._errors import FuncaccumError
 from .._reducer import accumulator_like
 from .._tree import PyTree, foreach_map
-from ._base import GradientTransformation, Schedule, chain, hyperparams
+from .._validate import check_bool, check_hyperparam
+from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
+from ._masked import Mask
 from ._weight_decay import add_decayed_weights
 
 __all__ = ["TraceState", "sgd", "trace"]
@@ -22,6 +25,7 @@ class TraceState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # momentum
 
 
+@checked(TraceState)
 def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
     """Heavy-ball momentum: ``t = momentum * t + g``; the update is ``t`` (or ``g + momentum * t``).
 
@@ -37,6 +41,8 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
     >>> first["w"].item(), second["w"].item()
     (1.0, 1.5)
     """
+    check_hyperparam("momentum", momentum)
+    check_bool("nesterov", nesterov)
 
     def init(params: PyTree) -> TraceState:
         return TraceState(accumulator_like(params), hyperparams(params, momentum=momentum))
@@ -61,11 +67,14 @@ def sgd(
     *,
     nesterov: bool = False,
     weight_decay: float = 0.0,
+    mask: Mask | None = None,
 ) -> GradientTransformation:
     """SGD with optional momentum, Nesterov momentum and L2 weight decay.
 
     Follows :class:`torch.optim.SGD` (with ``dampening=0``): the gradient gets
     ``weight_decay * params`` added, then momentum, then ``-learning_rate``.
+    ``mask`` limits the decay to some params (see
+    :func:`~funcaccum.optim.add_decayed_weights`).
 
     Example:
         >>> from funcaccum import optim
@@ -75,9 +84,15 @@ def sgd(
         >>> optim.apply_updates(params, updates)
         {'w': tensor([0.9000, 0.9000])}
     """
+    check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
+    check_hyperparam("momentum", momentum)
+    check_bool("nesterov", nesterov)
+    check_hyperparam("weight_decay", weight_decay)
+    if nesterov and not momentum:  # as torch.optim.SGD: plain SGD is not what was asked for
+        raise FuncaccumError("nesterov=True needs a momentum > 0, got momentum=0")
     transforms = []
     if weight_decay:
-        transforms.append(add_decayed_weights(weight_decay))
+        transforms.append(add_decayed_weights(weight_decay, mask=mask))
     if momentum or nesterov:
         transforms.append(trace(momentum, nesterov=nesterov))
     transforms.append(scale_by_learning_rate(learning_rate))

@@ -7,7 +7,9 @@ from typing import Any, NamedTuple
 import torch
 
 from .._tree import PyTree, foreach_map
-from ._base import GradientTransformation, hyperparams
+from .._validate import check_hyperparam
+from ._base import GradientTransformation, checked, hyperparams
+from ._masked import Mask, masked
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
@@ -18,19 +20,30 @@ class AddDecayedWeightsState(NamedTuple):
     hyperparams: dict[str, torch.Tensor]  # weight_decay
 
 
-def add_decayed_weights(weight_decay: float) -> GradientTransformation:
-    """Add ``weight_decay * params`` to the updates.
+@checked(AddDecayedWeightsState, needs_params=True)
+def add_decayed_weights(weight_decay: float, *, mask: Mask | None = None) -> GradientTransformation:
+    """Add ``weight_decay * params`` to the updates (to those ``mask`` marks, if given).
 
     Before an adaptive rule (as in :func:`~funcaccum.optim.adam`) this is L2
     regularisation; after it (as in :func:`~funcaccum.optim.adamw`) it is
     decoupled weight decay (Loshchilov and Hutter 2019, "Decoupled Weight
-    Decay Regularization").
+    Decay Regularization"). With a ``mask`` (a pytree of bools, or a callable
+    such as :func:`~funcaccum.optim.decay_mask`) it is
+    ``masked(add_decayed_weights(weight_decay), mask)``: the other params are
+    not decayed, as a torch parameter group with ``weight_decay=0``.
 
     >>> rule = add_decayed_weights(0.1)
-    >>> params = {"w": torch.tensor([2.0])}
-    >>> rule.update({"w": torch.tensor([1.0])}, rule.init(params), params)[0]
-    {'w': tensor([1.2000])}
+    >>> params = {"w": torch.tensor([2.0]), "b": torch.tensor([2.0])}
+    >>> grads = {"w": torch.tensor([1.0]), "b": torch.tensor([1.0])}
+    >>> rule.update(grads, rule.init(params), params)[0]
+    {'w': tensor([1.2000]), 'b': tensor([1.2000])}
+    >>> rule = add_decayed_weights(0.1, mask={"w": True, "b": False})
+    >>> rule.update(grads, rule.init(params), params)[0]
+    {'w': tensor([1.2000]), 'b': tensor([1.])}
     """
+    check_hyperparam("weight_decay", weight_decay)
+    if mask is not None:
+        return masked(add_decayed_weights(weight_decay), mask)
 
     def init(params: PyTree) -> AddDecayedWeightsState:
         return AddDecayedWeightsState(hyperparams(params, weight_decay=weight_decay))
