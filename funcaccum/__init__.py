@@ -25,7 +25,7 @@ from ._adaptive import AdaptiveCarry, AdaptiveState, adaptive, noise_statistics
 from ._adaptive_batching import AdaptiveBatching
 from ._clipped_mean import ClippedMeanState, clipped_mean
 from ._errors import FuncaccumError
-from ._functional import functional_model
+from ._functional import functional_model, load_into
 from ._ghost import Ghost, ghost
 from ._mean import MeanState, mean
 from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
@@ -72,6 +72,7 @@ __all__ = [
     "functional_model",
     "ghost",
     "init_fold",
+    "load_into",
     "mean",
     "merge",
     "microbatch_grads",

@@ -10,6 +10,7 @@ import torch
 from torch.func import grad_and_value, vmap
 
 from ._errors import FuncaccumError
+from ._functional import hold_parametrizations
 from ._mean import mean
 from ._microbatch import MicrobatchGroup, split_microbatches
 from ._reducer import Reducer, scalar_zeros
@@ -170,11 +171,12 @@ def _autograd_value_and_grad(
     def value_and_grad(params: PyTree, microbatch: PyTree, size: int) -> tuple[PyTree, Any]:
         leaves, treedef = optree.tree_flatten(params)
         inputs = [leaf.detach().requires_grad_() for leaf in leaves]
-        with torch.enable_grad():
+        # The backward runs with the forward's params in place (checkpointing recomputes).
+        with torch.enable_grad(), hold_parametrizations():
             loss, rest = forward(optree.tree_unflatten(treedef, inputs), microbatch, size)
-        if not loss.requires_grad:
-            raise FuncaccumError(_DETACHED)
-        grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+            if not loss.requires_grad:
+                raise FuncaccumError(_DETACHED)
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
         return optree.tree_unflatten(treedef, list(grads)), rest
 
     return value_and_grad
@@ -254,12 +256,7 @@ class _Driver:
         has_state: bool = False,
         compile: bool = False,
     ) -> None:
-        _check_options(reducer, strategy, chunk_size, randomness)
-        if has_state and strategy != "scan":
-            raise FuncaccumError(
-                "has_state=True (batch norm's running statistics, say) needs strategy='scan': "
-                "each microbatch must see the state the one before it left, in order"
-            )
+        _check_options(reducer, strategy, chunk_size, randomness, has_state)
         self.loss_fn = loss_fn
         self.reducer = reducer
         self.strategy = strategy
@@ -447,7 +444,11 @@ def _check_randomness(randomness: str) -> None:
 
 
 def _check_options(
-    reducer: Reducer, strategy: str, chunk_size: int | None, randomness: str
+    reducer: Reducer,
+    strategy: str,
+    chunk_size: int | None,
+    randomness: str,
+    has_state: bool = False,
 ) -> None:
     if not isinstance(reducer, Reducer):
         raise FuncaccumError(f"reducer must be a funcaccum Reducer, got {type(reducer).__name__}")
@@ -465,6 +466,11 @@ def _check_options(
     _check_randomness(randomness)
     if randomness == "same" and strategy == "scan":
         raise FuncaccumError("randomness='same' needs a vmap strategy ('vmap' or 'chunked')")
+    if has_state and strategy != "scan":
+        raise FuncaccumError(
+            "has_state=True (batch norm's running statistics, say) needs strategy='scan': "
+            "each microbatch must see the state the one before it left, in order"
+        )
 
 
 def init_fold(params: PyTree, *, reducer: Reducer | None = None) -> FoldState:

@@ -2,19 +2,45 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from ._errors import FuncaccumError
 from ._validate import describe
 
-__all__ = ["functional_model"]
+__all__ = ["functional_model", "hold_parametrizations", "load_into"]
 
 Apply = Callable[..., Any]
+
+# Where apply() leaves its reparametrizations open, while hold_parametrizations() runs.
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def hold_parametrizations() -> Iterator[None]:
+    """Keep every module ``apply`` reparametrizes in this block so until the block ends.
+
+    ``torch.func.functional_call`` swaps the params in for one forward call and
+    swaps them out again before the backward runs. Activation checkpointing
+    recomputes the forward during the backward and reads the module's
+    attributes then: outside the swap, the module's own (stale) weights, and a
+    silently wrong gradient. funcaccum runs each microbatch's forward and
+    backward inside this block, so the recomputation sees the same params.
+    """
+    outer = getattr(_held, "exits", None)
+    _held.exits = []
+    try:
+        yield
+    finally:
+        exits, _held.exits = _held.exits, outer
+        for exit_ in reversed(exits):
+            exit_()
 
 
 def _batch_norms_in_training(module: nn.Module) -> list[str]:
@@ -50,7 +76,7 @@ def _check_module(module: object) -> None:
 
 
 def functional_model(
-    module: nn.Module,
+    module: nn.Module, *, has_state: bool = False
 ) -> tuple[Apply, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Split a module into a pure ``apply`` and its ``params`` and ``buffers`` pytrees.
 
@@ -61,23 +87,31 @@ def functional_model(
     ``params`` holds the trainable parameters (``requires_grad=True``), detached:
     they share storage with the module, as in the :mod:`torch.func` examples, and
     funcaccum never writes into them. Frozen parameters go with the buffers.
-    Tied weights appear once.
+    Tied weights appear once. :func:`load_into` writes trained values back.
 
     Batch norm in training mode normalises each microbatch with its own
-    statistics, so the accumulated gradient would not be the full-batch
-    gradient, and it writes its running statistics into the buffers. Such a
-    module is refused with :class:`FuncaccumError`; call ``module.eval()`` (use
-    the running statistics) or use a per-example norm (LayerNorm, GroupNorm).
+    statistics and updates its running statistics in place, so it is model
+    state. With ``has_state=True``, ``apply(params, buffers, *args)`` returns
+    ``(output, new_buffers)``: the forward runs on fresh copies of the
+    buffers, which it may update (the caller's tensors are never written), and
+    those copies come back as the new state. A loss built on it declares
+    ``has_state=True`` to :func:`~funcaccum.train_step`, which feeds each
+    microbatch the state the one before it left, as the hand-written loop
+    does. Without ``has_state``, such a module is refused: call
+    ``module.eval()`` to normalise with the running statistics, or use a
+    per-example norm (LayerNorm, GroupNorm).
 
     Args:
         module: the model.
+        has_state: ``apply`` also returns the buffers the forward updated.
 
     Returns:
         ``(apply, params, buffers)``.
 
     Raises:
         FuncaccumError: ``module`` is not an ``nn.Module`` instance, it has no
-            trainable parameters, or a batch-norm layer is in training mode.
+            trainable parameters, or a batch-norm layer is in training mode
+            and ``has_state`` is False.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -87,24 +121,107 @@ def functional_model(
         >>> x = torch.randn(5, 3)                       # (batch, features)
         >>> apply(params, buffers, x).shape             # (batch, outputs)
         torch.Size([5, 2])
+        >>> bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+        >>> apply, params, state = functional_model(bn, has_state=True)
+        >>> out, new_state = apply(params, state, x)
+        >>> int(new_state["1.num_batches_tracked"]), int(state["1.num_batches_tracked"])
+        (1, 0)
     """
     _check_module(module)
-    if names := _batch_norms_in_training(module):
+    if (names := _batch_norms_in_training(module)) and not has_state:
         raise FuncaccumError(
-            f"batch norm in training mode at {names}: it mixes the examples of a microbatch, "
-            "so accumulating over microbatches would not give the full-batch gradient, and it "
-            "writes running statistics into the buffers. Call module.eval() to normalise with "
-            "the running statistics, or replace it with a per-example norm (LayerNorm, GroupNorm)."
+            f"batch norm in training mode at {names}: it normalises each microbatch with its "
+            "own statistics and writes running statistics into its buffers. Use "
+            "functional_model(module, has_state=True) and a loss with has_state=True to train "
+            "it as a hand-written loop does, call module.eval() to normalise with the running "
+            "statistics, or replace it with a per-example norm (LayerNorm, GroupNorm)."
         )
     params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in module.named_buffers()}
+    state_names = set(buffers)
     buffers |= {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
-    def apply(
-        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *args: Any, **kwargs: Any
-    ) -> Any:
-        return functional_call(
-            module, (params, buffers), args, kwargs, tie_weights=True, strict=True
-        )
+    def call(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+             args: tuple, kwargs: dict) -> Any:  # fmt: skip
+        swap = _reparametrize_module(module, {**params, **buffers}, tie_weights=True, strict=True)
+        exits = getattr(_held, "exits", None)
+        if exits is None or torch.compiler.is_compiling():
+            with swap:  # functional_call's own behaviour
+                return module(*args, **kwargs)
+        swap.__enter__()
+        exits.append(lambda: swap.__exit__(None, None, None))
+        return module(*args, **kwargs)
 
-    return apply, params, buffers
+    if not has_state:
+
+        def apply(
+            params: dict[str, torch.Tensor],
+            buffers: dict[str, torch.Tensor],
+            *args: Any,
+            **kwargs: Any,
+        ) -> Any:
+            return call(params, buffers, args, kwargs)
+
+        return apply, params, buffers
+
+    def apply_with_state(
+        params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *args: Any, **kwargs: Any
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
+        # The module updates buffers in place: give it copies, and return them.
+        fresh = {n: b.clone() if n in state_names else b for n, b in buffers.items()}
+        return call(params, fresh, args, kwargs), fresh
+
+    return apply_with_state, params, buffers
+
+
+def load_into(
+    module: nn.Module,
+    params: dict[str, torch.Tensor],
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Write trained ``params`` (and ``buffers``) back into ``module``, in place.
+
+    The inverse of :func:`functional_model`: after training, the module (for
+    ``module(x)``, ``state_dict()``, saving or export) holds ``state.params``
+    and, for a step with ``has_state``, ``state.model_state``. Tied weights
+    stay tied (the shared parameter is written once). Names, shapes and
+    dtypes must match the module's exactly.
+
+    Args:
+        module: the module ``params`` came from.
+        params: parameter values by name, such as ``TrainState.params``.
+        buffers: buffer (or frozen parameter) values by name, or None.
+
+    Returns:
+        ``module``.
+
+    Raises:
+        FuncaccumError: a name the module does not have, or a shape or dtype
+            that differs.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> apply, params, buffers = functional_model(model)
+        >>> trained = {k: v + 1 for k, v in params.items()}
+        >>> _ = load_into(model, trained)
+        >>> torch.equal(model.weight, trained["weight"])
+        True
+    """
+    targets = dict(module.named_parameters(remove_duplicate=False))
+    targets |= dict(module.named_buffers(remove_duplicate=False))
+    values = {**params, **(buffers or {})}
+    for name, value in values.items():
+        if name not in targets:
+            raise FuncaccumError(
+                f"load_into: the {type(module).__name__} has no parameter or buffer {name!r}"
+            )
+        target = targets[name]
+        if target.shape != value.shape or target.dtype != value.dtype:
+            raise FuncaccumError(
+                f"load_into: {name!r} is {tuple(target.shape)} {target.dtype} in the module, "
+                f"got {tuple(value.shape)} {value.dtype}"
+            )
+    with torch.no_grad():
+        for name, value in values.items():
+            targets[name].copy_(value)
+    return module

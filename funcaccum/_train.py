@@ -372,7 +372,7 @@ def train_step(
         (True, 50)
     """
     reducer = mean() if reducer is None else reducer
-    _check_options(reducer, strategy, chunk_size, randomness)
+    _check_options(reducer, strategy, chunk_size, randomness, has_state)
     if not isinstance(optimizer, GradientTransformation):
         raise FuncaccumError(
             "optimizer must be a funcaccum.optim.GradientTransformation, "
