@@ -18,7 +18,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import torch
 
@@ -287,7 +287,7 @@ class _Loader:
     def __init__(self, path: Path, leaves: list[torch.Tensor]) -> None:
         self.path, self.leaves = path, leaves
 
-    def mismatch(self, where: str, node: dict[str, Any], like: Any, detail: str = "") -> None:
+    def mismatch(self, where: str, node: dict[str, Any], like: Any, detail: str = "") -> NoReturn:
         raise FuncaccumError(
             f"the checkpoint {self.path} does not match the template (like=) at {where}: "
             f"the checkpoint holds {_describe_saved(node, self.leaves)}, the template "
@@ -387,7 +387,8 @@ class _Loader:
                     cls = getattr(cls, part)
             except (ImportError, AttributeError):
                 cls = None
-        if not (isinstance(cls, type) and list(getattr(cls, "_fields", ())) == node["fields"]):
+        is_namedtuple = isinstance(cls, type) and issubclass(cls, tuple)
+        if not (is_namedtuple and list(getattr(cls, "_fields", ())) == node["fields"]):
             raise FuncaccumError(
                 f"the checkpoint {self.path} holds a {module}.{name} at {path}, which only a "
                 "template can rebuild: pass like= (a state of the same configuration, such as "
