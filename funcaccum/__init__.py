@@ -6,7 +6,7 @@ the batch into microbatches, takes each one's gradient with
 (:func:`mean`, :func:`clipped_mean`, :func:`adaptive`) into the exact
 large-batch gradient;
 :func:`train_step` composes that with an update rule from :mod:`funcaccum.optim`
-into one pure, compilable training step.
+into one pure, compilable training step; :func:`save` and :func:`load` checkpoint it.
 """
 
 from . import distributed, optim
@@ -23,6 +23,7 @@ from ._accumulate import (
 )
 from ._adaptive import AdaptiveCarry, AdaptiveState, adaptive, noise_statistics
 from ._adaptive_batching import AdaptiveBatching
+from ._checkpoint import Checkpoint, load, save
 from ._clipped_mean import ClippedMeanState, clipped_mean
 from ._errors import FuncaccumError
 from ._functional import functional_model, load_into
@@ -30,7 +31,7 @@ from ._ghost import Ghost, ghost
 from ._mean import MeanState, mean
 from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
 from ._reducer import Maximum, Reducer, Tracker
-from ._train import TrainState, TrainStep, train_step
+from ._train import StepParts, TrainState, TrainStep, train_step
 from ._tree import (
     tree_add,
     tree_add_weighted,
@@ -51,6 +52,7 @@ __all__ = [
     "AdaptiveBatching",
     "AdaptiveCarry",
     "AdaptiveState",
+    "Checkpoint",
     "ClippedMeanState",
     "FoldState",
     "FuncaccumError",
@@ -60,6 +62,7 @@ __all__ = [
     "MicrobatchGrads",
     "MicrobatchGroup",
     "Reducer",
+    "StepParts",
     "Tracker",
     "TrainState",
     "TrainStep",
@@ -72,6 +75,7 @@ __all__ = [
     "functional_model",
     "ghost",
     "init_fold",
+    "load",
     "load_into",
     "mean",
     "merge",
@@ -79,6 +83,7 @@ __all__ = [
     "noise_statistics",
     "optim",
     "plan_microbatches",
+    "save",
     "split_microbatches",
     "train_step",
     "tree_add",

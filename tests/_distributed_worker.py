@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import os
 import sys
 import time
@@ -12,6 +14,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# This checkout's funcaccum first, not the one installed in the environment.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from conftest import classification_batch, mlp_loss, mlp_params
 
 import funcaccum as fa
@@ -51,6 +55,74 @@ def shard(batch: dict, rank: int, sizes: list[int]) -> dict | None:
     return {k: v[start : start + sizes[rank]] for k, v in batch.items()}
 
 
+def gloo_threads(wait: float = 0.0) -> list[str]:
+    """Names of this process's threads that belong to gloo, polled for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        names = []
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                names.append((task / "comm").read_text().strip())
+            except OSError:  # the thread ended while we looked
+                continue
+        found = sorted(name for name in names if "gloo" in name)
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
+def captured_world() -> bool:
+    """Whether torch.distributed.nn.functional's default arguments hold a process group."""
+    defaults = sys.modules["torch.distributed.nn.functional"].all_reduce.__defaults__
+    return defaults[-1] is not None
+
+
+def teardown(rank: int, world: int, ports: list[str], out: Path) -> None:
+    """Three process groups in turn; after each is destroyed, are gloo's threads gone?
+
+    ``funcaccum_first``: funcaccum imported before the group, torch's destroy.
+    ``captured_late``: the group captured by a late import, funcaccum's destroy.
+    ``torch_destroy``: the same capture, torch's destroy: the control, which
+    leaves the group alive until its captured references are released.
+    """
+    result: dict[str, object] = {"before": gloo_threads()}
+    for case, port in zip(
+        ("funcaccum_first", "captured_late", "torch_destroy"), ports, strict=True
+    ):
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=60),
+        )
+        result[f"{case}_running"] = gloo_threads()
+        if case != "funcaccum_first":
+            # As if torch.distributed.nn.functional were first imported now, after the group
+            # came up (a program that imports funcaccum late): its defaults capture the group.
+            sys.modules.pop("torch.distributed.nn.functional")
+            importlib.import_module("torch.distributed.nn.functional")
+        step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
+        parallel = fa.distributed.DataParallel(step, timeout=30)
+        state = parallel.init(mlp_params())
+        for i in range(2):  # the first torch.func.grad imports torch._dynamo
+            state, _ = parallel(state, shard(classification_batch(20, seed=i), rank, [10, 10]))
+        result[f"{case}_captured"] = captured_world()
+        del parallel
+        if case == "captured_late":
+            fa.distributed.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+        gc.collect()
+        result[f"{case}_after"] = gloo_threads(wait=0.0 if case == "torch_destroy" else 5.0)
+    # Release the control's group, so that this process exits cleanly too.
+    module = sys.modules["torch.distributed.nn.functional"]
+    fa.distributed._teardown.release_captured_group(module.all_reduce.__defaults__[-1])
+    gc.collect()
+    result["torch_destroy_released"] = gloo_threads(wait=5.0)
+    torch.save(result, out / f"rank{rank}.pt")
+
+
 def main() -> None:
     rank, world, port, scenario, out = (
         int(sys.argv[1]),
@@ -59,6 +131,9 @@ def main() -> None:
         sys.argv[4],
         Path(sys.argv[5]),
     )
+    if scenario == "teardown":
+        teardown(rank, world, port.split(","), out)
+        return
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)

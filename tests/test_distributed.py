@@ -23,9 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def launch(
-    scenario: str, tmp_path: Path, timeout: float = 240
+    scenario: str, tmp_path: Path, timeout: float = 240, ports: int = 1
 ) -> tuple[list[dict[str, Any]], list[int], float]:
-    port, start = free_port(), time.monotonic()
+    port, start = ",".join(free_port() for _ in range(ports)), time.monotonic()
     processes = [
         subprocess.Popen(
             [sys.executable, str(WORKER), str(rank), "2", port, scenario, str(tmp_path)],
@@ -115,6 +115,28 @@ def test_a_stalled_rank_times_out(tmp_path: Path) -> None:
     survivor = results[0]
     assert 2.5 < survivor["seconds"] < 3 + 3
     assert "timeout 3.0 s" in survivor["message"]
+
+
+def test_no_gloo_thread_outlives_the_destroyed_process_group(tmp_path: Path) -> None:
+    """A process group must be freed at destroy: gloo threads alive at exit abort the process.
+
+    torch.distributed.nn.functional, which the first torch.func.grad imports (through
+    torch._dynamo), captures the live world group in its default arguments if it is
+    first imported after init_process_group; funcaccum imports it before.
+    """
+    results, _, _ = launch("teardown", tmp_path, ports=3)
+    for rank, result in enumerate(results):
+        assert result["before"] == [], rank
+        assert result["funcaccum_first_running"], rank  # the check sees gloo's threads
+        # Imported with funcaccum, before the group: nothing captured, torch's destroy frees it.
+        assert result["funcaccum_first_after"] == [], rank
+        assert not result["funcaccum_first_captured"], rank
+        # Captured by a late import: funcaccum's destroy releases the references.
+        assert result["captured_late_after"] == [], rank
+        assert result["captured_late_captured"], rank
+        # The control: torch's destroy alone leaves the group, and gloo's threads, alive.
+        assert result["torch_destroy_after"], rank
+        assert result["torch_destroy_released"] == [], rank
 
 
 def test_data_parallel_needs_an_initialised_process_group() -> None:

@@ -146,6 +146,7 @@ class DataParallel:
         for batch in batches:
             local = shard(batch, dist.get_rank(), dist.get_world_size())
             state, metrics = parallel(state, local)
+        fa.distributed.destroy_process_group()   # frees the group: no gloo threads at exit
     """
 
     def __init__(
