@@ -32,6 +32,7 @@ from ._tree import (
     tree_scale,
     tree_select,
 )
+from ._validate import check_dtype
 from .optim import GradientTransformation, apply_updates, get_hyperparams
 
 __all__ = ["StepParts", "TrainState", "TrainStep", "train_step"]
@@ -373,6 +374,7 @@ def train_step(
     """
     reducer = mean() if reducer is None else reducer
     _check_options(reducer, strategy, chunk_size, randomness, has_state)
+    check_dtype("compute_dtype", compute_dtype)
     if not isinstance(optimizer, GradientTransformation):
         raise FuncaccumError(
             "optimizer must be a funcaccum.optim.GradientTransformation, "

@@ -136,3 +136,26 @@ def test_batch_norm_in_training_mode_is_refused() -> None:
     ):
         fa.functional_model(model)
     fa.functional_model(model.eval())
+
+
+@pytest.mark.parametrize("strategy", ["scan", "vmap"])
+def test_a_detached_or_integer_loss_is_refused_not_a_zero_gradient(strategy: str) -> None:
+    """Either would give all-zero gradients with no word; both are refused, on every path."""
+
+    def detached(params: dict, batch: dict) -> torch.Tensor:
+        return mlp_loss(params, batch).detach()
+
+    def integer(params: dict, batch: dict) -> torch.Tensor:
+        return (mlp_loss(params, batch) * 100).long()
+
+    batch = classification_batch(8)
+    with pytest.raises(fa.FuncaccumError, match="does not depend on the params"):
+        fa.accumulate(detached, mlp_params(), batch, num_microbatches=2, strategy=strategy)
+    with pytest.raises(fa.FuncaccumError, match=re.escape("returned a torch.int64 loss")):
+        fa.accumulate(integer, mlp_params(), batch, num_microbatches=2, strategy=strategy)
+
+
+def test_compute_dtype_must_be_a_floating_torch_dtype() -> None:
+    message = r"compute_dtype must be .*'bfloat16'.*torch\.bfloat16"
+    with pytest.raises(fa.FuncaccumError, match=message):
+        fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), compute_dtype="bfloat16")
