@@ -299,7 +299,7 @@ class _Driver:
     ) -> tuple[FoldState, Any]:
         """Fold a stacked chunk of microbatches, their gradients taken together under vmap."""
         batched = vmap(self.value_and_grad, in_dims=(None, 0, None), randomness=self.randomness)
-        grads, rest = _raise_on_randomness(batched, params, chunk, size)
+        grads, rest = _under_vmap(batched, params, chunk, size)
         return self.fold_units(state, grads, rest), rest
 
     def _chunk(
@@ -411,18 +411,25 @@ def _compiled(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
 
 
-def _raise_on_randomness(fn: Callable[..., Any], *args: Any) -> Any:
+def _under_vmap(fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a vmapped ``fn``; a failure inside vmap gets an error that says what to do."""
     if torch.compiler.is_compiling():
         return fn(*args)
     try:
         return fn(*args)
     except RuntimeError as error:
-        if "randomness" not in str(error):
-            raise
+        if "randomness" in str(error):
+            raise FuncaccumError(
+                "loss_fn draws random numbers (dropout?) under vmap. Choose what microbatches "
+                "see: randomness='different' (independent draws, as a sequential loop gives) or "
+                "randomness='same' (one draw shared by every microbatch)."
+            ) from error
         raise FuncaccumError(
-            "loss_fn draws random numbers (dropout?) under vmap. Choose what microbatches see: "
-            "randomness='different' (independent draws, as a sequential loop gives) or "
-            "randomness='same' (one draw shared by every microbatch)."
+            f"loss_fn failed under torch.func.vmap, which the 'vmap' and 'chunked' strategies "
+            f"use: {str(error).splitlines()[0]}\nIf the loss runs without vmap, the model uses "
+            "something vmap cannot batch (data-dependent control flow such as a padding-mask "
+            "check, an in-place write into an unbatched tensor, an op without a batching rule; "
+            "nn.LSTM is one): use strategy='scan', which runs each microbatch as it is."
         ) from error
 
 
@@ -672,6 +679,6 @@ def microbatch_grads(
         batch, num_microbatches=num_microbatches, microbatch_size=microbatch_size
     ):
         batched = vmap(value_and_grad, in_dims=(None, 0, None), randomness=randomness)
-        outputs.append(_raise_on_randomness(batched, params, group.batch, group.size))
+        outputs.append(_under_vmap(batched, params, group.batch, group.size))
     grads, (losses, weights, aux, _) = _concat(outputs)
     return MicrobatchGrads(grads, losses, weights, aux if has_aux else None)

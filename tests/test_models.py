@@ -182,3 +182,31 @@ def test_activation_checkpointing_gives_the_same_training(compile: bool) -> None
             state, _ = step(state, batch)
         runs.append(state.params)
     assert_trees_allclose(runs[1], runs[0], rtol=1e-10, atol=1e-12)
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_a_model_vmap_cannot_batch_gets_told_to_use_scan() -> None:
+    """nn.LSTM fails under vmap with a raw shape error; the message names the way out."""
+    model = Recurrent().double()
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        return functional.cross_entropy(apply(params, buffers, batch[0]), batch[1])
+
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(6, 5, 4, generator=g, dtype=torch.float64),  # (n, time, features)
+             torch.randint(3, (6,), generator=g))  # fmt: skip
+    with pytest.raises(fa.FuncaccumError, match=r"(?s)failed under torch.func.vmap.*strategy='scan'"):
+        fa.accumulate(loss_fn, params, batch, num_microbatches=3, strategy="vmap")
+    scanned = fa.accumulate(loss_fn, params, batch, num_microbatches=3, strategy="scan")
+    full = torch.func.grad(loss_fn)(params, batch)
+    assert_trees_allclose(scanned.grads, full, rtol=1e-10, atol=1e-12)
