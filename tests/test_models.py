@@ -205,8 +205,41 @@ def test_a_model_vmap_cannot_batch_gets_told_to_use_scan() -> None:
     g = torch.Generator().manual_seed(3)
     batch = (torch.randn(6, 5, 4, generator=g, dtype=torch.float64),  # (n, time, features)
              torch.randint(3, (6,), generator=g))  # fmt: skip
-    with pytest.raises(fa.FuncaccumError, match=r"(?s)failed under torch.func.vmap.*strategy='scan'"):
+    message = r"(?s)failed under torch.func.vmap.*strategy='scan'"
+    with pytest.raises(fa.FuncaccumError, match=message):
         fa.accumulate(loss_fn, params, batch, num_microbatches=3, strategy="vmap")
     scanned = fa.accumulate(loss_fn, params, batch, num_microbatches=3, strategy="scan")
     full = torch.func.grad(loss_fn)(params, batch)
     assert_trees_allclose(scanned.grads, full, rtol=1e-10, atol=1e-12)
+
+
+def test_the_shifted_label_count_is_the_token_weight() -> None:
+    """HF's labels= loss averages over shifted labels: attention_mask.sum() mis-weights."""
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.tensor([9, 4, 7, 2, 8, 5])
+    mask = torch.arange(9) < lengths[:, None]  # (n, t)
+    ids = torch.randint(11, (6, 9), generator=g)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(~mask, -100)}
+    params = {"embed": torch.randn(11, 4, generator=g, dtype=torch.float64),
+              "out": torch.randn(4, 11, generator=g, dtype=torch.float64)}  # fmt: skip
+
+    def loss_with(count: str) -> object:
+        def loss_fn(params: dict, batch: dict) -> tuple:
+            logits = params["embed"][batch["input_ids"]] @ params["out"]
+            shifted = batch["labels"][:, 1:]
+            loss = functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100
+            )
+            if count == "shifted":
+                return loss, (shifted != -100).sum()
+            return loss, batch["attention_mask"].sum()
+
+        return loss_fn
+
+    full = torch.func.grad(lambda p, b: loss_with("shifted")(p, b)[0])(params, batch)
+    for count, exact in (("shifted", True), ("mask", False)):
+        got = fa.accumulate(loss_with(count), params, batch, num_microbatches=3, has_weight=True)
+        error = (got.grads["out"] - full["out"]).abs().max().item()
+        assert (error < 1e-12) == exact, (count, error)
+        if not exact:
+            assert error > 1e-4  # silently off, by far more than rounding
