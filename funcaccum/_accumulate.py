@@ -234,10 +234,11 @@ class _Driver:
     (``"scan"``) or from ``torch.func.vmap`` over ``torch.func.grad`` (``"vmap"``,
     ``"chunked"``), and a Python loop folds them. With ``compile=True`` the
     pieces that loop calls are compiled apart, each ``fullgraph``: the loss
-    (forward and backward graphs), the fold into the reducer state, and the
-    vmapped chunk. Each is one small graph whatever ``K``, and all of them go
-    through torch's FX-graph and AOTAutograd caches, so a second process
-    starts warm. Traced inside a caller's own ``torch.compile`` (as
+    (forward and backward graphs) and the vmapped chunk; with
+    ``compile_fold=True`` also the fold into the reducer state (otherwise it
+    runs as ``foreach`` kernels). Each is one small graph whatever ``K``, and
+    all of them go through torch's FX-graph and AOTAutograd caches, so a
+    second process starts warm. Traced inside a caller's own ``torch.compile`` (as
     :meth:`TrainStep.step` compiled whole), ``"scan"`` becomes the ``scan``
     higher-order op over ``torch.func.grad`` instead: one graph, traced once
     whatever ``K``.
@@ -255,6 +256,7 @@ class _Driver:
         randomness: Randomness,
         has_state: bool = False,
         compile: bool = False,
+        compile_fold: bool = False,
     ) -> None:
         _check_options(reducer, strategy, chunk_size, randomness, has_state)
         self.loss_fn = loss_fn
@@ -270,7 +272,7 @@ class _Driver:
         )
         self.value_and_grad = _func_value_and_grad(forward)
         self._autograd_step = _autograd_value_and_grad(_compiled(forward, compile))
-        self._fold_units = _compiled(self.fold_units, compile)
+        self._fold_units = _compiled(self.fold_units, compile_fold)
         self._chunk_step = _compiled(self.chunk_step, compile)
 
     def fold_units(self, state: FoldState, grads: PyTree, rest: Any) -> FoldState:

@@ -107,6 +107,7 @@ class TrainStep:
         max_consecutive_skips: int | None,
         schedule_clock: ScheduleClock,
         compile: bool,
+        compile_update: bool = False,
     ) -> None:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
@@ -119,7 +120,8 @@ class TrainStep:
         self.max_consecutive_skips = max_consecutive_skips
         self.schedule_clock = schedule_clock
         self.compile = compile
-        self._parts: dict[bool, StepParts] = {}
+        self.compile_update = compile_update
+        self._parts: dict[tuple[bool, bool], StepParts] = {}
 
     def _loss(self, params: PyTree, *args: PyTree) -> Any:
         """The user's loss on params cast to the compute dtype (``args``: [model_state,] batch)."""
@@ -146,20 +148,27 @@ class TrainStep:
         """An empty accumulation for one optimizer step from ``state``."""
         return init_fold(state.params, reducer=self.reducer)
 
-    def parts(self, compile: bool | None = None) -> StepParts:
-        """The step's fold and apply halves, compiled as ``train_step(compile=...)`` compiles.
+    def parts(
+        self, compile: bool | None = None, compile_update: bool | None = None
+    ) -> StepParts:
+        """The step's fold and apply halves, run as ``train_step(compile=...)`` runs them.
 
-        With ``compile=True`` (default: the step's own setting) the fold runs
-        its microbatches in a Python loop around separately compiled pieces
-        (the loss's forward and backward, the reducer's fold; or the vmapped
-        chunk), and ``apply`` is compiled on its own; each piece is one
-        ``fullgraph`` graph. :mod:`funcaccum.distributed` and
-        :class:`~funcaccum.AdaptiveBatching` drive a step through these.
+        The fold runs its microbatches in a Python loop. With ``compile=True``
+        (default: the step's own settings) the loss is compiled, forward and
+        backward, as ``torch.compile(model)`` compiles a hand-written loop's
+        model (with ``"vmap"``/``"chunked"``, the vmapped chunk); with
+        ``compile_update=True`` the fold into the accumulator and ``apply``
+        are compiled too. Each compiled piece is one ``fullgraph`` graph.
+        :mod:`funcaccum.distributed` and :class:`~funcaccum.AdaptiveBatching`
+        drive a step through these.
         """
-        compile = self.compile if compile is None else compile
-        if compile not in self._parts:
+        key = (
+            self.compile if compile is None else compile,
+            self.compile_update if compile_update is None else compile_update,
+        )
+        if key not in self._parts:
             driver = _Driver(self._loss, reducer=self.reducer, has_aux=self.has_aux,
-                             compile=compile, **self._options)  # fmt: skip
+                             compile=key[0], compile_fold=key[1], **self._options)  # fmt: skip
             microbatching = self.microbatching
 
             def fold(
@@ -169,8 +178,8 @@ class TrainStep:
                     state.params, batch, folded, model_state=state.model_state, **microbatching
                 )
 
-            self._parts[compile] = StepParts(fold, _compiled(self.apply, compile))
-        return self._parts[compile]
+            self._parts[key] = StepParts(fold, _compiled(self.apply, key[1]))
+        return self._parts[key]
 
     def fold(self, state: TrainState, batch: PyTree, folded: FoldState | None = None) -> FoldState:
         """Fold ``batch``'s microbatches into ``folded`` (pure; auxiliary outputs are dropped)."""
@@ -179,7 +188,7 @@ class TrainStep:
                 "TrainStep.fold drops the model state a has_state step produces; use "
                 "step.parts().fold, which returns it, and pass it to apply"
             )
-        return self.parts(False).fold(state, batch, folded)[0]
+        return self.parts(False, False).fold(state, batch, folded)[0]
 
     def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
         """One optimizer step on ``batch``, as a pure function of the state.
@@ -190,7 +199,7 @@ class TrainStep:
         ``K``), slower to compile than ``compile=True``'s pieces and not cached
         across processes.
         """
-        return self._step(self.parts(False), state, batch)
+        return self._step(self.parts(False, False), state, batch)
 
     def _step(
         self, parts: StepParts, state: TrainState, batch: PyTree
@@ -303,6 +312,7 @@ def train_step(
     max_consecutive_skips: int | None = 10,
     schedule_clock: ScheduleClock = "step",
     compile: bool = False,
+    compile_update: bool = False,
 ) -> TrainStep:
     """Compose a training step: microbatch gradients, a reducer, an update rule.
 
@@ -349,12 +359,18 @@ def train_step(
         schedule_clock: what learning-rate schedules read: ``"step"``, the
             optimizer-step count, or ``"progress"``, the adaptive reducer's
             scale-invariant ``tau`` (passed to the update rule as ``schedule_step``).
-        compile: compile the step's pieces, each with ``torch.compile(fullgraph=True)``:
-            the loss (its forward and backward graphs, as ``torch.compile(model)``
-            gives a hand-written loop), the reducer's fold, and the update
-            (:meth:`TrainStep.parts`). Each piece is one graph whatever ``K``
-            (two where the last microbatch is partial: two shapes), and they
-            are cached across processes by torch's compile caches.
+        compile: compile the loss, forward and backward, with
+            ``torch.compile(fullgraph=True)``, as ``torch.compile(model)``
+            compiles a hand-written loop's model (for ``"vmap"`` and
+            ``"chunked"``: the vmapped chunk); the microbatch loop runs in
+            Python around it, and the fold and update run as ``foreach``
+            kernels, as ``torch.optim``'s default update does. One graph
+            whatever ``K`` (two shapes where the last microbatch is partial),
+            cached across processes by torch's compile caches.
+        compile_update: also compile the fold into the accumulator and the
+            update (finalize, norm, update rule, guard), each one graph: fused
+            kernels for a faster step, at the price of a longer first step
+            (on a 2-core CPU it doubled it; see docs/benchmarks.md).
 
     Returns:
         A :class:`TrainStep`.
@@ -407,4 +423,5 @@ def train_step(
         max_consecutive_skips=max_consecutive_skips,
         schedule_clock=schedule_clock,
         compile=compile,
+        compile_update=compile_update,
     )

@@ -50,14 +50,19 @@ def test_strategy_compiles_whole_and_matches_eager(options: dict, device: str) -
         torch.testing.assert_close(got.loss, want.loss)
 
 
+@pytest.mark.parametrize("compile_update", [False, True], ids=["loss", "loss-and-update"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_train_step_compiles_whole_matches_eager_and_never_recompiles(device: str) -> None:
+def test_train_step_compiles_matches_eager_and_never_recompiles(
+    device: str, compile_update: bool
+) -> None:
+    """Every compiled piece is one fullgraph graph, reused step after step."""
     params = on(device, mlp_params(torch.float32))
     schedule = fa.optim.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20)
     eager = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4)
     compiled = fa.train_step(
-        mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4, compile=True
-    )
+        mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4, compile=True,
+        compile_update=compile_update,
+    )  # fmt: skip
     eager_state, state = eager.init(params), compiled.init(params)
     batches = [on(device, classification_batch(24, torch.float32, seed=s)) for s in range(3)]
     state, metrics = compiled(state, batches[0])  # the one compile
