@@ -389,7 +389,7 @@ def main() -> None:
         rows,
     )  # fmt: skip
     write_results(
-        f"gpt-{args.device}{'-small' if shape is SMALL_SHAPE else ''}",
+        f"gpt-{args.device}{'-small' if shape is SMALL_SHAPE else ''}-layers{args.layers}",
         {"command": " ".join(sys.argv), "environment": environment(args.device),
          "shape": shape, "dtype": dtype, "results": results},
     )  # fmt: skip
