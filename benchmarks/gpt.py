@@ -48,6 +48,7 @@ import torch
 from _common import environment, print_table, run_worker, synchronize, write_results
 from torch import nn
 from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
 
 import funcaccum as fa
 
@@ -93,8 +94,11 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """GPT-2's shape: token and position embeddings, blocks, a final norm, an untied head."""
 
-    def __init__(self, layers: int, d: int, heads: int, ctx: int, vocab: int) -> None:
+    def __init__(
+        self, layers: int, d: int, heads: int, ctx: int, vocab: int, checkpointed: bool = False
+    ) -> None:
         super().__init__()
+        self.checkpointed = checkpointed  # recompute each block's activations in the backward
         self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
@@ -102,7 +106,7 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
         return self.head(self.ln_f(x))  # (batch, time, vocab)
 
 
