@@ -121,3 +121,13 @@ def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
     assert rows["all-reduces per step"] == 1
     assert rows["params bit-identical on every rank"] is True
     assert rows["examples per step"] == 64
+
+
+def test_resnet_bn_trains_as_the_seeds_loop(tmp_path: Path) -> None:
+    result = run_recipe("resnet_bn", tmp_path)
+    rows = result["by_name"]
+    ours = rows["funcaccum 4 x 16"]
+    assert ours["max param deviation"] < 1e-10
+    assert ours["max running-stat deviation"] < 1e-10
+    assert ours["eval accuracy"] == pytest.approx(rows["seeds' loop"]["eval accuracy"])
+    assert len(result["metrics"]) == 6
