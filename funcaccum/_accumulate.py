@@ -211,7 +211,7 @@ def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: PyTree) -
         for i in range(optree.tree_leaves(xs)[0].shape[0]):
             carry, y = body(carry, optree.tree_map(lambda x, i=i: x[i], xs))
             ys.append(y)
-        return carry, optree.tree_map(lambda *y: torch.stack(y), *ys)
+        return carry, _stack(ys)
     # The op's body may return only tensors, lists, tuples and dicts: flatten our NamedTuples.
     leaves, treedef = optree.tree_flatten(carry)
 

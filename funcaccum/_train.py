@@ -54,7 +54,7 @@ class StepParts(NamedTuple):
             :meth:`TrainStep.apply`.
     """
 
-    fold: Callable[..., tuple[FoldState, Any]]
+    fold: Callable[..., tuple[FoldState, Any, PyTree]]
     apply: Callable[..., tuple[TrainState, Metrics]]
 
 
