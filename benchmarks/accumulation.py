@@ -82,15 +82,14 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         inputs, targets = batch
         return loss_of(apply(params, buffers, inputs), targets)
 
-    options = {"chunk_size": config["chunk"]} if config["strategy"] == "chunked" else {}
+    chunked = config["strategy"] == "chunked"
     step = fa.train_step(
         loss_fn,
         optimizer=fa.optim.sgd(LEARNING_RATE),
         num_microbatches=k,
-        strategy=config["strategy"],
+        strategy=fa.chunked(config["chunk"]) if chunked else config["strategy"],
         compile=config["compiled"],
         max_consecutive_skips=None,  # no host sync per step, like the loop
-        **options,
     )
     state = step.init(params)
 

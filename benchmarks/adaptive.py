@@ -68,7 +68,7 @@ def run(kind: str, k: int, device: str) -> dict[str, Any]:
     else:
         reducer = fa.adaptive(base_batch_size=2 * MICROBATCH, k_max=64)
         step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(LR), reducer=reducer)
-        runner = fa.AdaptiveBatching(step, k_min=2, k_max=64)
+        runner = fa.AdaptiveBatching(step)
     state = step.init(params)
     examples, reached = 0, None
     ks = []

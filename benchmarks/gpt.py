@@ -142,8 +142,7 @@ def torch_side(config: dict[str, Any], side: str) -> Step:
             loss_fn,
             optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
             num_microbatches=k,
-            strategy=strategy,
-            chunk_size=2 if strategy == "chunked" else None,
+            strategy=fa.chunked(2) if strategy == "chunked" else strategy,
             compute_dtype=torch.bfloat16 if bf16 else None,
             compile=not side.endswith("_eager"),
         )

@@ -129,7 +129,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     sides: dict[str, Any] = {
         "funcaccum vmap": torch.compile(funcaccum_side(strategy="vmap"), fullgraph=True),
         "funcaccum chunked": torch.compile(
-            funcaccum_side(strategy="chunked", chunk_size=64), fullgraph=True
+            funcaccum_side(strategy=fa.chunked(64)), fullgraph=True
         ),
         "funcaccum ghost": funcaccum_side(strategy=fa.ghost(model)),
     }

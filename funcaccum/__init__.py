@@ -12,13 +12,9 @@ into one pure, compilable training step; :func:`save` and :func:`load` checkpoin
 from . import distributed, optim
 from ._accumulate import (
     Accumulated,
-    FoldState,
+    Accumulation,
     MicrobatchGrads,
     accumulate,
-    finalize,
-    fold,
-    init_fold,
-    merge,
     microbatch_grads,
 )
 from ._adaptive import AdaptiveCarry, AdaptiveState, adaptive, noise_statistics
@@ -26,11 +22,13 @@ from ._adaptive_batching import AdaptiveBatching
 from ._checkpoint import Checkpoint, load, save
 from ._clipped_mean import ClippedMeanState, clipped_mean
 from ._errors import FuncaccumError
+from ._fold import Folder, FoldState, MicrobatchOutput
 from ._functional import functional_model, load_into
-from ._ghost import Ghost, ghost
+from ._ghost import ghost
 from ._mean import MeanState, mean
 from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
-from ._reducer import Maximum, Reducer, Tracker
+from ._reducer import BatchControl, CarryRule, Control, Maximum, Reducer
+from ._strategy import GroupRunner, Strategy, chunked, scan, vmap
 from ._train import StepParts, TrainState, TrainStep, train_step
 from ._tree import (
     tree_add,
@@ -49,6 +47,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Accumulated",
+    "Accumulation",
+    "BatchControl",
+    "CarryRule",
+    "Control",
+    "Folder",
+    "GroupRunner",
+    "MicrobatchOutput",
+    "Strategy",
+    "chunked",
+    "scan",
+    "vmap",
     "AdaptiveBatching",
     "AdaptiveCarry",
     "AdaptiveState",
@@ -56,29 +65,23 @@ __all__ = [
     "ClippedMeanState",
     "FoldState",
     "FuncaccumError",
-    "Ghost",
     "Maximum",
     "MeanState",
     "MicrobatchGrads",
     "MicrobatchGroup",
     "Reducer",
     "StepParts",
-    "Tracker",
     "TrainState",
     "TrainStep",
     "accumulate",
     "adaptive",
     "clipped_mean",
     "distributed",
-    "finalize",
-    "fold",
     "functional_model",
     "ghost",
-    "init_fold",
     "load",
     "load_into",
     "mean",
-    "merge",
     "microbatch_grads",
     "noise_statistics",
     "optim",

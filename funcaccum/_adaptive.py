@@ -9,7 +9,16 @@ import torch
 
 from . import _tree
 from ._errors import FuncaccumError
-from ._reducer import Reducer, Tracker, accumulator_like, as_units, scalar_zeros, typed_merge
+from ._reducer import (
+    BatchControl,
+    CarryRule,
+    Control,
+    Reducer,
+    accumulator_like,
+    as_units,
+    scalar_zeros,
+    typed_merge,
+)
 from ._tree import PyTree, tree_add_weighted, tree_scale, tree_vdot
 from ._validate import check_dtype, check_int, check_real, check_state
 
@@ -41,6 +50,7 @@ class AdaptiveCarry(NamedTuple):
     grad_sq_ema: torch.Tensor  # EMA of the raw |G|^2 estimates
     ema_weight: torch.Tensor  # the EMA's total weight, 1 - prod(beta), to debias it
     progress: torch.Tensor  # tau = sum of the step scales so far
+    suggested_k: torch.Tensor  # K for the next step, from the EMA (k_min before any)
 
 
 def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,8 +203,8 @@ def adaptive(
         n, k = scalar_zeros(params, 2, _STATS)
         return AdaptiveState(accumulator_like(params, accum_dtype), squares, n, k)
 
-    def fold(state: AdaptiveState, grads: PyTree, weight: torch.Tensor) -> AdaptiveState:
-        check_state(state, AdaptiveState, owner="adaptive()", role="fold")
+    def update(state: AdaptiveState, grads: PyTree, weight: torch.Tensor) -> AdaptiveState:
+        check_state(state, AdaptiveState, owner="adaptive()", role="update")
         units, weights = as_units(grads, weight)
         weights = weights.to(_STATS)
 
@@ -217,18 +227,19 @@ def adaptive(
         return tree_scale(state.grad_sum, 1 / n), {
             "noise_trace": trace,
             "grad_sq": grad_sq,
-            "ready": n * theta**2 * grad_sq >= trace,
+            "ready": n * theta**2 * grad_sq >= trace,  # reported; ready() is what is read
             "weight": n,
             "units": k,
             **outputs._asdict(),
         }
 
     def init_carry(params: PyTree) -> AdaptiveCarry:
-        return AdaptiveCarry(*scalar_zeros(params, 4, _STATS))
+        *emas, progress, suggested_k = scalar_zeros(params, 5, _STATS)
+        return AdaptiveCarry(*emas, progress, suggested_k + k_min)
 
     def update_carry(
         carry: AdaptiveCarry, stats: dict[str, torch.Tensor]
-    ) -> tuple[AdaptiveCarry, dict[str, torch.Tensor]]:
+    ) -> tuple[AdaptiveCarry, dict[str, torch.Tensor], Control]:
         trace, grad_sq = stats["noise_trace"], stats["grad_sq"]
         n, k = stats["weight"], stats["units"]
         valid = torch.isfinite(trace) & torch.isfinite(grad_sq) & (k >= 2)
@@ -240,9 +251,25 @@ def adaptive(
         # Before the first valid step the EMA is 0/0 = NaN: r = 1, K unchanged.
         outputs = step_outputs(trace_ema / ema_weight, grad_sq_ema / ema_weight, n, k, **options)
         new_carry = AdaptiveCarry(
-            trace_ema, grad_sq_ema, ema_weight, carry.progress + outputs.step_scale
+            trace_ema,
+            grad_sq_ema,
+            ema_weight,
+            carry.progress + outputs.step_scale,
+            outputs.suggested_k,
         )
-        return new_carry, {**stats, **outputs._asdict(), "progress": carry.progress}
+        reported = {**stats, **outputs._asdict(), "progress": carry.progress}
+        return new_carry, reported, Control(outputs.step_scale, carry.progress)
+
+    def ready(state: AdaptiveState) -> torch.Tensor:
+        trace, grad_sq = noise_statistics(state)
+        return state.weight_sum * theta**2 * grad_sq >= trace
 
     merge = typed_merge(AdaptiveState, "adaptive()")
-    return Reducer(init, fold, merge, finalize, Tracker(init_carry, update_carry))
+    return Reducer(
+        init,
+        update,
+        merge,
+        finalize,
+        carry=CarryRule(init_carry, update_carry),
+        batch_control=BatchControl(k_min, k_max, ready, lambda carry: carry.suggested_k),
+    )

@@ -90,14 +90,14 @@ def clipped_mean(
         A :class:`Reducer`; ``finalize`` gives ``(grads, stats)`` with stats
         ``clip_fraction`` (of microbatches with nonzero weight), ``norm_mean``
         and ``norm_max`` (before clipping) and ``clipped_norm_mean`` (after).
-        Its ``fold_by_norms`` serves strategies that compute norms without
+        Its ``update_by_norms`` serves strategies that compute norms without
         materialising gradients (:func:`funcaccum.ghost`).
 
     Example:
         >>> reducer = clipped_mean(max_norm=1.0)
         >>> params = {"w": torch.zeros(2)}
         >>> grads = {"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}  # (units, d); norms 5 and 0.5
-        >>> state = reducer.fold(reducer.init(params), grads, torch.tensor([1.0, 1.0]))
+        >>> state = reducer.update(reducer.init(params), grads, torch.tensor([1.0, 1.0]))
         >>> clipped, stats = reducer.finalize(state)
         >>> clipped["w"]                                            # mean of [.6, .8] and [.3, .4]
         tensor([0.4500, 0.6000])
@@ -121,14 +121,14 @@ def clipped_mean(
         zeros = scalar_zeros(params, 6, override)
         return ClippedMeanState(accumulator_like(params, override), *zeros[:5], Maximum(zeros[5]))
 
-    def fold_by_norms(
+    def update_by_norms(
         state: ClippedMeanState,
         norms: torch.Tensor,
         weights: torch.Tensor,
         weighted_sum: Callable[[torch.Tensor], PyTree],
     ) -> ClippedMeanState:
         """Fold ``c`` units from their norms; ``weighted_sum(c)`` is ``sum_i c_i g_i``."""
-        check_state(state, ClippedMeanState, owner="clipped_mean()", role="fold")
+        check_state(state, ClippedMeanState, owner="clipped_mean()", role="update")
         weights = weights.to(state.weight_sum.dtype)
         norms = norms.to(weights.dtype)
         # A non-finite norm gives a NaN factor, so it poisons the sum instead of vanishing.
@@ -152,7 +152,7 @@ def clipped_mean(
             ),
         )
 
-    def fold(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
+    def update(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
         units, weights = as_units(grads, weight)
         norms = unit_norms(units, dtype=override)
 
@@ -160,7 +160,7 @@ def clipped_mean(
             total = tree_weighted_sum(units, coefficients, dtype=override)
             return optree.tree_map(lambda t, a: t.to(a.dtype), total, state.clipped_sum)
 
-        return fold_by_norms(state, norms, weights, weighted_sum)
+        return update_by_norms(state, norms, weights, weighted_sum)
 
     def finalize(state: ClippedMeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
         check_state(state, ClippedMeanState, owner="clipped_mean()", role="finalize")
@@ -184,4 +184,4 @@ def clipped_mean(
         }
 
     merge = typed_merge(ClippedMeanState, "clipped_mean()")
-    return Reducer(init, fold, merge, finalize, fold_by_norms=fold_by_norms)
+    return Reducer(init, update, merge, finalize, update_by_norms=update_by_norms)

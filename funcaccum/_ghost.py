@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -13,11 +13,11 @@ from torch.func import grad, vmap
 from torch.nn import functional
 
 from ._errors import FuncaccumError
+from ._fold import Folder, FoldState, MicrobatchOutput
 from ._microbatch import MicrobatchGroup
+from ._strategy import GroupRunner
 from ._tree import PyTree, accum_dtype, tree_weighted_sum
-
-if TYPE_CHECKING:
-    from ._accumulate import FoldState, _Driver
+from ._validate import check_int
 
 __all__ = ["Ghost", "ghost"]
 
@@ -138,11 +138,13 @@ class Ghost(NamedTuple):
         module: the module whose layers are tapped.
         layers: tapped layer name to its parameter names, in ``params``.
         fallback: the parameters whose per-unit gradients are materialised by vmap.
+        chunk_size: microbatches per forward and backward pass; None: a whole group.
     """
 
     module: nn.Module
     layers: dict[str, tuple[str, ...]]
     fallback: tuple[str, ...]
+    chunk_size: int | None = None
 
     @contextmanager
     def _tapped(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -174,62 +176,67 @@ class Ghost(NamedTuple):
             for handle in handles:
                 handle.remove()
 
-    def fold_group(
-        self, how: _Driver, state: FoldState, group: MicrobatchGroup, params: PyTree
-    ) -> tuple[FoldState, Any]:
-        """Fold one group of equal-size microbatches, ``chunk_size`` of them at a time."""
-        from ._accumulate import FoldState  # a cycle: the driver dispatches here
-
-        reducer = how.reducer
-        if torch.compiler.is_compiling():
-            raise FuncaccumError(
-                "strategy=ghost(...) runs eagerly (forward hooks and torch.autograd.grad); do not "
-                "compile the step, or use strategy='chunked' to compile"
-            )
-        if reducer.fold_by_norms is None:
+    def build(self, folder: Folder) -> GroupRunner:
+        """Check what ghost clipping needs, then fold groups ``chunk_size`` units at a time."""
+        options = folder.options
+        reducer = options.reducer
+        if reducer.update_by_norms is None:
             raise FuncaccumError(
                 "strategy=ghost(...) needs a reducer that clips by norm: clipped_mean"
             )
-        if how.has_weight:
+        if options.has_weight or options.has_aux or options.has_state:
             raise FuncaccumError(
-                "strategy=ghost(...) takes example-count weights only (no has_weight)"
+                "strategy=ghost(...) takes a plain loss: example-count weights, no aux, no model "
+                "state (has_weight, has_aux and has_state must be False)"
             )
-        if not isinstance(params, dict) or not set(params) >= {
-            name for names in self.layers.values() for name in names
-        }:
-            raise FuncaccumError(
-                "strategy=ghost(module) needs params as functional_model(module) gives them: "
-                "a dict keyed by the module's parameter names"
-            )
-        if how.has_aux:
-            raise FuncaccumError("strategy=ghost(...) does not return aux outputs (no has_aux)")
-        chunk = group.count if how.chunk_size is None else how.chunk_size
-        for start in range(0, group.count, chunk):
-            units = optree.tree_map(lambda x, s=start: x[s : s + chunk], group.batch)
-            count = optree.tree_leaves(units)[0].shape[0]
-            total, norms, parts = self._chunk(how.loss_fn, params, units, count, how.randomness)
-            weights = torch.full(
-                (count,), float(group.size), dtype=state.weight_sum.dtype, device=total.device
-            )
+        if options.batch_dim != 0:
+            raise FuncaccumError("strategy=ghost(...) needs batch leaves with batch_dim=0")
 
-            def weighted_sum(coefficients: torch.Tensor, parts: list = parts) -> PyTree:
-                found: dict[str, torch.Tensor] = {}
-                for part in parts:
-                    found |= part(coefficients)
-                return {
-                    name: found[name].to(accum_dtype(p.dtype))
-                    if name in found
-                    else torch.zeros_like(p, dtype=accum_dtype(p.dtype))
-                    for name, p in params.items()
-                }
+        def run(
+            params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
+        ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
+            if torch.compiler.is_compiling():
+                raise FuncaccumError(
+                    "strategy=ghost(...) runs eagerly (forward hooks and torch.autograd.grad); "
+                    "do not compile the step, or use strategy=chunked(size) to compile"
+                )
+            if not isinstance(params, dict) or not set(params) >= {
+                name for names in self.layers.values() for name in names
+            }:
+                raise FuncaccumError(
+                    "strategy=ghost(module) needs params as functional_model(module) gives "
+                    "them: a dict keyed by the module's parameter names"
+                )
+            chunk = group.count if self.chunk_size is None else self.chunk_size
+            for start in range(0, group.count, chunk):
+                units = optree.tree_map(lambda x, s=start: x[s : s + chunk], group.batch)
+                count = optree.tree_leaves(units)[0].shape[0]
+                total, norms, parts = self._chunk(folder.loss_fn, params, units, count)
+                weights = torch.full(
+                    (count,), float(group.size), dtype=state.weight_sum.dtype, device=total.device
+                )
 
-            state = FoldState(
-                reducer.fold_by_norms(state.reducer, norms, weights, weighted_sum),
-                state.loss_sum + total.to(state.loss_sum.dtype),
-                state.weight_sum + weights.sum(),
-            )
-        nan = torch.full((group.count,), torch.nan, device=state.weight_sum.device)
-        return state, (nan, torch.full_like(nan, group.size), ())
+                def weighted_sum(coefficients: torch.Tensor, parts: list = parts) -> PyTree:
+                    found: dict[str, torch.Tensor] = {}
+                    for part in parts:
+                        found |= part(coefficients)
+                    return {
+                        name: found[name].to(accum_dtype(p.dtype))
+                        if name in found
+                        else torch.zeros_like(p, dtype=accum_dtype(p.dtype))
+                        for name, p in params.items()
+                    }
+
+                state = FoldState(
+                    reducer.update_by_norms(state.reducer, norms, weights, weighted_sum),
+                    state.loss_sum + total.to(state.loss_sum.dtype),
+                    state.weight_sum + weights.sum(),
+                )
+            # The loss is summed per chunk, not kept per unit: per-unit losses are unknown.
+            nan = torch.full((group.count,), torch.nan, device=state.weight_sum.device)
+            return state, MicrobatchOutput(nan, torch.full_like(nan, group.size)), model_state
+
+        return run
 
     def _chunk(
         self,
@@ -237,7 +244,6 @@ class Ghost(NamedTuple):
         params: dict[str, torch.Tensor],
         units: PyTree,
         count: int,
-        randomness: str,
     ) -> tuple[torch.Tensor, torch.Tensor, list[Callable[[torch.Tensor], dict[str, torch.Tensor]]]]:
         """One forward and one backward (to the probes only) over ``count`` units.
 
@@ -275,7 +281,7 @@ class Ghost(NamedTuple):
             def unit_loss(subset: dict[str, torch.Tensor], unit: PyTree) -> torch.Tensor:
                 return loss_fn({**params, **subset}, unit)
 
-            per_unit = vmap(grad(unit_loss), in_dims=(None, 0), randomness=randomness)(rest, units)
+            per_unit = vmap(grad(unit_loss), in_dims=(None, 0), randomness="error")(rest, units)
             per_unit = {k: v * size for k, v in per_unit.items()}  # mean -> sum over the unit
             squares, weighted_sum = _materialised(per_unit)
             norms_sq = norms_sq + squares.to(norms_sq.dtype)
@@ -288,7 +294,7 @@ class Ghost(NamedTuple):
         )
 
 
-def ghost(module: nn.Module) -> Ghost:
+def ghost(module: nn.Module, *, chunk_size: int | None = None) -> Ghost:
     """Clip per microbatch without materialising per-microbatch gradients where layers allow.
 
     A strategy for :func:`~funcaccum.accumulate` and
@@ -318,11 +324,15 @@ def ghost(module: nn.Module) -> Ghost:
     trace under ``torch.compile(fullgraph=True)``); examples must not interact
     (no batch norm in training mode); each tapped layer runs once per forward
     (tied or reused layers: use ``"chunked"``); weights are example counts
-    (no ``has_weight``); ``chunk_size`` bounds how many microbatches share a
-    pass (default: the whole group).
+    (no ``has_weight``); no aux outputs.
+
+    Args:
+        module: the module the loss runs through ``functional_model``.
+        chunk_size: how many microbatches share a forward and backward pass,
+            >= 1; None (default): a whole group of equal-size microbatches.
 
     Example:
-        >>> from funcaccum import accumulate, clipped_mean, functional_model
+        >>> from funcaccum import accumulate, clipped_mean, functional_model, vmap
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
         >>> apply, params, buffers = functional_model(model)
         >>> def loss_fn(params, batch):
@@ -331,7 +341,7 @@ def ghost(module: nn.Module) -> Ghost:
         >>> lean = accumulate(loss_fn, params, batch, reducer=clipped_mean(0.5),
         ...                   microbatch_size=1, strategy=ghost(model))
         >>> plain = accumulate(loss_fn, params, batch, reducer=clipped_mean(0.5),
-        ...                    microbatch_size=1, strategy="vmap")
+        ...                    microbatch_size=1, strategy=vmap())
         >>> all(torch.allclose(lean.grads[k], plain.grads[k], atol=1e-6) for k in params)
         True
     """
@@ -349,4 +359,6 @@ def ghost(module: nn.Module) -> Ghost:
             layers[name] = full
     tapped = {p for names in layers.values() for p in names}
     fallback = tuple(n for n, p in module.named_parameters() if p.requires_grad and n not in tapped)
-    return Ghost(module, layers, fallback)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, low=1)
+    return Ghost(module, layers, fallback, chunk_size)

@@ -54,8 +54,8 @@ def mean(
         >>> reducer = mean()
         >>> params = {"w": torch.zeros(2)}
         >>> state = reducer.init(params)
-        >>> state = reducer.fold(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(3.0))
-        >>> state = reducer.fold(state, {"w": torch.tensor([0.0, 1.0])}, torch.tensor(1.0))
+        >>> state = reducer.update(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(3.0))
+        >>> state = reducer.update(state, {"w": torch.tensor([0.0, 1.0])}, torch.tensor(1.0))
         >>> reducer.finalize(state)[0]
         {'w': tensor([0.7500, 0.2500])}
     """
@@ -65,8 +65,8 @@ def mean(
     def init(params: PyTree) -> MeanState:
         return MeanState(accumulator_like(params, override), *scalar_zeros(params, 1, override))
 
-    def fold(state: MeanState, grads: PyTree, weight: torch.Tensor) -> MeanState:
-        check_state(state, MeanState, owner="mean()", role="fold")
+    def update(state: MeanState, grads: PyTree, weight: torch.Tensor) -> MeanState:
+        check_state(state, MeanState, owner="mean()", role="update")
         weight = weight.to(state.weight_sum.dtype)
         return MeanState(
             tree_add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
@@ -76,4 +76,4 @@ def mean(
         check_state(state, MeanState, owner="mean()", role="finalize")
         return tree_scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), {}
 
-    return Reducer(init, fold, typed_merge(MeanState, "mean()"), finalize)
+    return Reducer(init, update, typed_merge(MeanState, "mean()"), finalize)

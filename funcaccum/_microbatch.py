@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import einops
 import optree
@@ -12,7 +12,14 @@ from ._errors import FuncaccumError
 from ._tree import PyTree, leaf_paths
 from ._validate import check_int
 
-__all__ = ["MicrobatchGroup", "batch_size", "plan_microbatches", "split_microbatches"]
+__all__ = [
+    "BatchDim",
+    "MicrobatchGroup",
+    "batch_dims",
+    "batch_size",
+    "plan_microbatches",
+    "split_microbatches",
+]
 
 
 class MicrobatchGroup(NamedTuple):
@@ -68,36 +75,77 @@ def plan_microbatches(
     return tuple((count, size) for count, size in groups if count and size)
 
 
-def batch_size(batch: PyTree) -> int:
-    """The leading dimension every leaf of ``batch`` shares, checked with clear errors."""
+BatchDim = Any
+"""Where each batch leaf holds its examples: an int for every leaf, or a pytree prefix of ints."""
+
+
+def batch_dims(batch: PyTree, batch_dim: BatchDim = 0) -> PyTree:
+    """Each leaf's batch dimension, ``batch_dim`` broadcast over ``batch``'s leaves."""
+    if isinstance(batch_dim, int) and not isinstance(batch_dim, bool):
+        return optree.tree_map(lambda _: batch_dim, batch)
+    try:
+        return optree.tree_broadcast_prefix(batch_dim, batch)
+    except ValueError as error:
+        raise FuncaccumError(
+            f"batch_dim must be an int or a pytree prefix of the batch, got {batch_dim!r}: "
+            f"{error}"
+        ) from error
+
+
+def batch_size(batch: PyTree, batch_dim: BatchDim = 0) -> int:
+    """The batch dimension every leaf of ``batch`` shares, checked with clear errors.
+
+    ``batch_dim`` says where each leaf holds its examples (0: leading). A
+    leaf that disagrees with the others is named with its path and shape.
+    """
     leaves = optree.tree_leaves(batch)
-    if leaves and all(isinstance(x, torch.Tensor) and x.ndim > 0 for x in leaves):
+    leading = all(isinstance(x, torch.Tensor) and x.ndim > 0 for x in leaves)
+    if batch_dim == 0 and leaves and leading:
         sizes = {x.shape[0] for x in leaves}
         if len(sizes) == 1:
             return sizes.pop()
-    # Something is wrong: find it, with each leaf's path for the message.
+    # Something is wrong, or the layout is explicit: check each leaf with its path.
     leaves = leaf_paths(batch, "batch")
     if not leaves:
         raise FuncaccumError("the batch has no tensor leaves")
-    for path, leaf in leaves:
+    dims = optree.tree_leaves(batch_dims(batch, batch_dim))
+    sizes = {}
+    for (path, leaf), dim in zip(leaves, dims, strict=True):
         if not isinstance(leaf, torch.Tensor):
             raise FuncaccumError(
                 f"{path} is a {type(leaf).__name__}; every batch leaf must be a torch.Tensor "
-                "with a leading batch dimension"
+                "with a batch dimension"
             )
         if leaf.ndim == 0:
+            raise FuncaccumError(f"{path} is a 0-d tensor; batch leaves need a batch dimension")
+        if not -leaf.ndim <= dim < leaf.ndim:
             raise FuncaccumError(
-                f"{path} is a 0-d tensor; batch leaves need a leading batch dimension"
+                f"{path} has shape {tuple(leaf.shape)}, which has no batch dimension {dim}"
             )
-    sizes = {leaf.shape[0] for _, leaf in leaves}
-    if len(sizes) > 1:
-        shapes = ", ".join(f"{path}: {tuple(leaf.shape)}" for path, leaf in leaves)
-        raise FuncaccumError(f"batch leaves disagree on the leading (batch) dimension: {shapes}")
-    return sizes.pop()
+        sizes[path] = (leaf.shape[dim], tuple(leaf.shape), dim)
+    if len({size for size, _, _ in sizes.values()}) > 1:
+        shapes = ", ".join(f"{path}: {shape}" for path, (_, shape, _) in sizes.items())
+        where = (
+            "the leading (batch) dimension"
+            if batch_dim == 0
+            else "their batch dimensions (batch_dim)"
+        )
+        hint = (
+            "; a sequence-first (T, N) leaf? pass batch_dim=1 for it (a pytree prefix such as "
+            "batch_dim=(1, 0) gives each leaf its own)"
+            if batch_dim == 0
+            else ""
+        )
+        raise FuncaccumError(f"batch leaves disagree on {where}: {shapes}{hint}")
+    return next(iter(sizes.values()))[0]
 
 
 def split_microbatches(
-    batch: PyTree, *, num_microbatches: int | None = None, microbatch_size: int | None = None
+    batch: PyTree,
+    *,
+    num_microbatches: int | None = None,
+    microbatch_size: int | None = None,
+    batch_dim: BatchDim = 0,
 ) -> list[MicrobatchGroup]:
     """Split ``batch`` into at most two groups of equal-size microbatches.
 
@@ -108,9 +156,13 @@ def split_microbatches(
         batch: a pytree of tensors sharing the leading batch dimension ``N``.
         num_microbatches: ``K``, with ``1 <= K <= N``.
         microbatch_size: ``m >= 1``; the last microbatch holds the remainder.
+        batch_dim: where each leaf holds its examples: 0 (leading), or an int
+            or pytree prefix of ints for other layouts (1 for a
+            sequence-first ``(T, N)`` leaf).
 
     Returns:
-        The groups, in batch order.
+        The groups, in batch order, every leaf's batch dimension moved to the
+        front: ``(count, size, ...)``.
 
     Raises:
         FuncaccumError: both or neither of the counts given, a count out of range,
@@ -123,7 +175,9 @@ def split_microbatches(
         >>> [(g.count, g.size, tuple(g.batch["x"].shape)) for g in groups]  # (k, m, d)
         [(2, 3, (2, 3, 3)), (2, 2, (2, 2, 3))]
     """
-    n = batch_size(batch)
+    n = batch_size(batch, batch_dim)
+    if batch_dim != 0:
+        batch = optree.tree_map(lambda x, d: x.movedim(d, 0), batch, batch_dims(batch, batch_dim))
     groups = []
     start = 0
     for count, size in plan_microbatches(

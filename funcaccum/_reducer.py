@@ -15,10 +15,12 @@ from ._tree import PyTree, accum_dtype, tree_device
 from ._validate import check_state
 
 __all__ = [
+    "BatchControl",
+    "CarryRule",
+    "Control",
     "Denominator",
     "Maximum",
     "Reducer",
-    "Tracker",
     "accumulator_like",
     "as_units",
     "check_denominator",
@@ -34,17 +36,50 @@ Denominator = float | Literal["weight"]
 """What a mean divides its sums by: ``"weight"`` (the summed weight) or a fixed number."""
 
 
-class Tracker(NamedTuple):
-    """Statistics a reducer carries from one optimizer step to the next.
+class Control(NamedTuple):
+    """What a reducer's carry decides for the training step: typed, never read from stats.
+
+    A reducer's stats are only reported; a field here is the one way it
+    changes the step. None leaves the step as it is.
+
+    Attributes:
+        step_scale: multiplies the update (the AdaScale gain), 0-d.
+        progress: the clock schedules run on with ``schedule_clock="progress"``, 0-d.
+    """
+
+    step_scale: torch.Tensor | None = None
+    progress: torch.Tensor | None = None
+
+
+class CarryRule(NamedTuple):
+    """How a reducer carries statistics from one optimizer step to the next: its carry.
 
     Attributes:
         init: ``init(params) -> carry``.
-        update: ``update(carry, stats) -> (carry, stats)``, called once per
-            optimizer step with the stats of :attr:`Reducer.finalize`.
+        update: ``update(carry, stats) -> (carry, stats, control)``, called
+            once per optimizer step with the stats of :attr:`Reducer.finalize`;
+            returns the new carry, the stats to report and a :class:`Control`.
     """
 
     init: Callable[[PyTree], Any]
-    update: Callable[[Any, Stats], tuple[Any, Stats]]
+    update: Callable[[Any, Stats], tuple[Any, Stats, Control]]
+
+
+class BatchControl(NamedTuple):
+    """How many microbatches a step should take: what :class:`~funcaccum.AdaptiveBatching` reads.
+
+    Attributes:
+        k_min: the fewest microbatches per step.
+        k_max: the most.
+        ready: ``ready(state) -> bool tensor``: whether what is folded so far
+            (a reducer state) passes the reducer's test.
+        suggested_k: ``suggested_k(carry) -> int tensor``: K for the next step.
+    """
+
+    k_min: int
+    k_max: int
+    ready: Callable[[Any], torch.Tensor]
+    suggested_k: Callable[[Any], torch.Tensor]
 
 
 class Reducer(NamedTuple):
@@ -53,7 +88,7 @@ class Reducer(NamedTuple):
     A reducer is four pure functions over a state pytree of tensors::
 
         state = init(params)
-        state = fold(state, grads, weight)   # once per microbatch, or per stacked chunk
+        state = update(state, grads, weight) # once per microbatch, or per stacked chunk
         state = merge(state_a, state_b)      # partial states: chunks, processes
         grads, stats = finalize(state)       # divide once, at the end
 
@@ -64,23 +99,29 @@ class Reducer(NamedTuple):
 
     Attributes:
         init: ``init(params) -> state``.
-        fold: ``fold(state, grads, weight) -> state``.
+        update: ``update(state, grads, weight) -> state``.
         merge: ``merge(a, b) -> state``.
-        finalize: ``finalize(state) -> (grads, stats)``.
-        track: statistics kept across optimizer steps, or None.
-        fold_by_norms: for reducers that need only each unit's gradient norm
-            and a weighted sum of the gradients, ``fold_by_norms(state, norms,
-            weights, weighted_sum) -> state`` where ``weighted_sum(c)`` returns
-            ``sum_i c_i g_i``; strategies that never materialise per-unit
-            gradients (:func:`funcaccum.ghost`) use it. None if unsupported.
+        finalize: ``finalize(state) -> (grads, stats)``; the stats are
+            reported, never read by funcaccum.
+        carry: statistics kept across optimizer steps (:class:`CarryRule`),
+            the one way a reducer changes the step (:class:`Control`); or None.
+        update_by_norms: for reducers that need only each unit's gradient
+            norm and a weighted sum of the gradients, ``update_by_norms(state,
+            norms, weights, weighted_sum) -> state`` where
+            ``weighted_sum(c)`` returns ``sum_i c_i g_i``; strategies that
+            never materialise per-unit gradients (:func:`funcaccum.ghost`) use
+            it. None if unsupported.
+        batch_control: what :class:`~funcaccum.AdaptiveBatching` reads to
+            choose K (:class:`BatchControl`), or None.
     """
 
     init: Callable[[PyTree], Any]
-    fold: Callable[[Any, PyTree, torch.Tensor], Any]
+    update: Callable[[Any, PyTree, torch.Tensor], Any]
     merge: Callable[[Any, Any], Any]
     finalize: Callable[[Any], tuple[PyTree, Stats]]
-    track: Tracker | None = None
-    fold_by_norms: Callable[..., Any] | None = None
+    carry: CarryRule | None = None
+    update_by_norms: Callable[..., Any] | None = None
+    batch_control: BatchControl | None = None
 
 
 class Maximum(NamedTuple):

@@ -8,21 +8,13 @@ from typing import Any, Literal, NamedTuple
 import optree
 import torch
 
-from ._accumulate import (
-    FoldState,
-    LossFn,
-    Randomness,
-    Strategy,
-    _check_options,
-    _compiled,
-    _Driver,
-    finalize,
-    init_fold,
-)
+from ._accumulate import Accumulation, LossFn
 from ._errors import FuncaccumError
+from ._fold import FoldState, compiled
 from ._mean import mean
-from ._microbatch import batch_size, plan_microbatches
-from ._reducer import Reducer
+from ._microbatch import BatchDim
+from ._reducer import Control, Reducer
+from ._strategy import Strategy
 from ._tree import (
     PyTree,
     accum_dtype,
@@ -99,10 +91,7 @@ class TrainStep:
         loss_fn: LossFn,
         *,
         optimizer: GradientTransformation,
-        reducer: Reducer,
-        microbatching: dict[str, Any],
-        options: dict[str, Any],
-        has_aux: bool,
+        accumulation: Accumulation,
         compute_dtype: torch.dtype | None,
         max_consecutive_skips: int | None,
         schedule_clock: ScheduleClock,
@@ -111,11 +100,10 @@ class TrainStep:
     ) -> None:
         self.loss_fn = loss_fn
         self.optimizer = optimizer
-        self.reducer = reducer
-        self.microbatching = microbatching
-        self._options = options
-        self.has_state = options["has_state"]
-        self.has_aux = has_aux
+        self.accumulation = accumulation
+        self.reducer = accumulation.reducer
+        self.has_state = accumulation.has_state
+        self.has_aux = accumulation.has_aux
         self.compute_dtype = compute_dtype
         self.max_consecutive_skips = max_consecutive_skips
         self.schedule_clock = schedule_clock
@@ -141,12 +129,8 @@ class TrainStep:
         params = optree.tree_map(torch.Tensor.detach, params)
         model_state = optree.tree_map(torch.Tensor.detach, model_state)
         counts = [torch.zeros((), dtype=torch.int64, device=tree_device(params)) for _ in range(3)]
-        carry = self.reducer.track.init(params) if self.reducer.track is not None else ()
+        carry = self.reducer.carry.init(params) if self.reducer.carry is not None else ()
         return TrainState(params, self.optimizer.init(params), *counts, carry, model_state)
-
-    def init_fold(self, state: TrainState) -> FoldState:
-        """An empty accumulation for one optimizer step from ``state``."""
-        return init_fold(state.params, reducer=self.reducer)
 
     def parts(
         self, compile: bool | None = None, compile_update: bool | None = None
@@ -167,18 +151,14 @@ class TrainStep:
             self.compile_update if compile_update is None else compile_update,
         )
         if key not in self._parts:
-            driver = _Driver(self._loss, reducer=self.reducer, has_aux=self.has_aux,
-                             compile=key[0], compile_fold=key[1], **self._options)  # fmt: skip
-            microbatching = self.microbatching
+            run = self.accumulation.folder(self._loss, compile=key[0], compile_update=key[1])
 
             def fold(
                 state: TrainState, batch: PyTree, folded: FoldState | None = None
             ) -> tuple[FoldState, Any, PyTree]:
-                return driver.fold(
-                    state.params, batch, folded, model_state=state.model_state, **microbatching
-                )
+                return run.fold(state.params, batch, folded, state.model_state)
 
-            self._parts[key] = StepParts(fold, _compiled(self.apply, key[1]))
+            self._parts[key] = StepParts(fold, compiled(self.apply, key[1]))
         return self._parts[key]
 
     def fold(self, state: TrainState, batch: PyTree, folded: FoldState | None = None) -> FoldState:
@@ -219,26 +199,26 @@ class TrainStep:
         skipped step keeps the old one, like the params.
         """
         new_model_state = state.model_state if model_state is None else model_state
-        result = finalize(folded, reducer=self.reducer)
-        stats, carry = result.stats, state.reducer_carry
-        if self.reducer.track is not None:
-            carry, stats = self.reducer.track.update(carry, stats)
+        result = self.accumulation.finalize(folded)
+        stats, carry, control = result.stats, state.reducer_carry, Control()
+        if self.reducer.carry is not None:
+            carry, stats, control = self.reducer.carry.update(carry, stats)
         # Each param's gradient in its accumulation dtype, whatever the reducer summed in.
         grads = optree.tree_map(lambda g, p: g.to(accum_dtype(p.dtype)), result.grads, state.params)
         grad_norm = tree_global_norm(grads)
         finite = torch.isfinite(result.loss) & torch.isfinite(grad_norm)
 
-        extra = {}
+        clock = {}
         if self.schedule_clock == "progress":
-            if "progress" not in stats:
+            if control.progress is None:
                 raise FuncaccumError(
-                    "schedule_clock='progress' needs a reducer that reports progress, such as "
-                    "adaptive()"
+                    "schedule_clock='progress' needs a reducer whose carry controls progress, "
+                    "such as adaptive()"
                 )
-            extra["schedule_step"] = stats["progress"]
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **extra)
-        if "step_scale" in stats:  # a reducer that sets the step size multiplies the update
-            updates = tree_scale(updates, stats["step_scale"])
+            clock["schedule_step"] = control.progress
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **clock)
+        if control.step_scale is not None:  # a reducer that sets the step size scales the update
+            updates = tree_scale(updates, control.step_scale)
         params = apply_updates(state.params, updates)
         # The guard covers the update too: a NaN learning rate, or an overflow in the update
         # rule, is skipped like a NaN gradient, so the params stay those of a finite step.
@@ -285,11 +265,7 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
         """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
         # Checked eagerly, so a malformed batch gets its plain error even when compiled.
-        plan_microbatches(
-            batch_size(batch),
-            num_microbatches=self.microbatching["num_microbatches"],
-            microbatch_size=self.microbatching["microbatch_size"],
-        )
+        self.accumulation.split(batch)
         state, metrics = self._step(self.parts(), state, batch)
         self.check_skips(state, metrics)
         return state, metrics
@@ -300,14 +276,13 @@ def train_step(
     *,
     optimizer: GradientTransformation,
     reducer: Reducer | None = None,
+    strategy: Strategy | str = "scan",
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
-    strategy: Strategy = "scan",
-    chunk_size: int | None = None,
     has_aux: bool = False,
     has_weight: bool = False,
     has_state: bool = False,
-    randomness: Randomness = "error",
+    batch_dim: BatchDim = 0,
     compute_dtype: torch.dtype | None = None,
     max_consecutive_skips: int | None = 10,
     schedule_clock: ScheduleClock = "step",
@@ -337,11 +312,10 @@ def train_step(
     Args:
         loss_fn: ``loss_fn(params, batch)``, as for :func:`~funcaccum.accumulate`.
         optimizer: the update rule, e.g. :func:`funcaccum.optim.adamw`.
-        reducer: default :func:`~funcaccum.mean`.
-        num_microbatches: as for :func:`~funcaccum.accumulate`.
-        microbatch_size: as for :func:`~funcaccum.accumulate`.
-        strategy: as for :func:`~funcaccum.accumulate`.
-        chunk_size: as for :func:`~funcaccum.accumulate`.
+        reducer: as for :class:`~funcaccum.Accumulation`.
+        strategy: as for :class:`~funcaccum.Accumulation`.
+        num_microbatches: as for :class:`~funcaccum.Accumulation`.
+        microbatch_size: as for :class:`~funcaccum.Accumulation`.
         has_aux: ``loss_fn`` also returns auxiliary outputs, given as ``metrics["aux"]``.
         has_weight: ``loss_fn`` also returns its weight.
         has_state: the loss is ``loss_fn(params, model_state, batch) -> (out,
@@ -350,15 +324,16 @@ def train_step(
             ``functional_model(module, has_state=True)``. Each microbatch sees
             the state the one before it left, in order, as a hand-written loop
             does; the state lives in :attr:`TrainState.model_state`
-            (``step.init(params, model_state=buffers)``). Needs ``strategy="scan"``.
-        randomness: as for :func:`~funcaccum.accumulate`.
+            (``step.init(params, model_state=buffers)``). Needs :func:`~funcaccum.scan`.
+        batch_dim: as for :class:`~funcaccum.Accumulation`.
         compute_dtype: run ``loss_fn`` on params cast to this dtype (bf16,
             fp16) while the state keeps the params in their own dtype (float32
             master weights). Gradients are accumulated in float32 regardless.
         max_consecutive_skips: stop after this many non-finite steps in a row.
         schedule_clock: what learning-rate schedules read: ``"step"``, the
             optimizer-step count, or ``"progress"``, the adaptive reducer's
-            scale-invariant ``tau`` (passed to the update rule as ``schedule_step``).
+            scale-invariant ``tau`` (:attr:`~funcaccum.Control.progress`, passed to
+            the update rule as ``schedule_step``).
         compile: compile the loss, forward and backward, with
             ``torch.compile(fullgraph=True)``, as ``torch.compile(model)``
             compiles a hand-written loop's model (for ``"vmap"`` and
@@ -388,8 +363,11 @@ def train_step(
         >>> metrics["loss"].item() < 1e-4, state.step.item()
         (True, 50)
     """
-    reducer = mean() if reducer is None else reducer
-    _check_options(reducer, strategy, chunk_size, randomness, has_state)
+    accumulation = Accumulation(
+        reducer=mean() if reducer is None else reducer, strategy=strategy,
+        num_microbatches=num_microbatches, microbatch_size=microbatch_size, has_aux=has_aux,
+        has_weight=has_weight, has_state=has_state, batch_dim=batch_dim,
+    )  # fmt: skip
     check_dtype("compute_dtype", compute_dtype)
     if not isinstance(optimizer, GradientTransformation):
         raise FuncaccumError(
@@ -398,27 +376,19 @@ def train_step(
         )
     if schedule_clock not in ("step", "progress"):
         raise FuncaccumError(f"schedule_clock must be 'step' or 'progress', got {schedule_clock!r}")
+    if schedule_clock == "progress" and accumulation.reducer.carry is None:
+        raise FuncaccumError(
+            "schedule_clock='progress' needs a reducer whose carry controls progress, such as "
+            "adaptive()"
+        )
     if max_consecutive_skips is not None and max_consecutive_skips < 1:
         raise FuncaccumError(
             f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}"
         )
-    if num_microbatches is None and microbatch_size is None:
-        num_microbatches = 1
-    microbatching = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size}
-    options = {
-        "strategy": strategy,
-        "chunk_size": chunk_size,
-        "has_weight": has_weight,
-        "has_state": has_state,
-        "randomness": randomness,
-    }
     return TrainStep(
         loss_fn,
         optimizer=optimizer,
-        reducer=reducer,
-        microbatching=microbatching,
-        options=options,
-        has_aux=has_aux,
+        accumulation=accumulation,
         compute_dtype=compute_dtype,
         max_consecutive_skips=max_consecutive_skips,
         schedule_clock=schedule_clock,

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+import funcaccum as fa
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python recipes/NAME.py` puts recipes/ on the path, not the root
     sys.path.insert(0, str(ROOT))
@@ -57,8 +59,8 @@ def add_step_flags(
 
 
 def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``train_step``'s ``strategy`` and ``chunk_size`` from ``--strategy``."""
-    return {"strategy": args.strategy, "chunk_size": 2 if args.strategy == "chunked" else None}
+    """``train_step``'s ``strategy`` from ``--strategy`` (``chunked``: chunks of 2)."""
+    return {"strategy": fa.chunked(2) if args.strategy == "chunked" else args.strategy}
 
 
 def pick_device(name: str) -> torch.device:

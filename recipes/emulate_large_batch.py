@@ -150,7 +150,7 @@ def main() -> None:
                 gradient_error[name] = max(gradient_error[name], error)
             truth = true_gradient(list(state.params.values()), batch)
             folded = fold(state, batch)
-            applied = flat(fa.finalize(folded, reducer=step.reducer).grads)
+            applied = flat(step.accumulation.finalize(folded).grads)
             state, metrics = apply_update(state, folded)
             error = float((applied - truth).norm() / truth.norm())
             gradient_error["funcaccum 4 x 32"] = max(gradient_error["funcaccum 4 x 32"], error)

@@ -110,7 +110,7 @@ def main() -> None:
         **_common.strategy_options(args),
     )
     runner = (
-        fa.AdaptiveBatching(step, k_min=2, k_max=16, compile=args.compile)
+        fa.AdaptiveBatching(step, compile=args.compile)
         if args.reducer == "adaptive"
         else None
     )

@@ -147,16 +147,13 @@ def main() -> None:
             for name, make in REDUCERS.items():
                 if name != "mean" and split == [13, 7]:
                     continue  # clipping and noise statistics depend on microbatch boundaries
-                reducer = make()
+                acc = fa.Accumulation(reducer=make(), microbatch_size=2)
                 local = shard(batch, rank, split)
-                if local is None:
-                    folded = fa.init_fold(params, reducer=reducer)
-                else:
-                    folded = fa.fold(mlp_loss, params, local, reducer=reducer, microbatch_size=2)
+                folded = acc.init(params) if local is None else acc.fold(mlp_loss, params, local)
                 before = dict(counts)
                 merged = fa.distributed.all_reduce_state(folded, timeout=30)
                 assert sum(counts.values()) - sum(before.values()) == 1, counts
-                out_of = fa.finalize(merged, reducer=reducer)
+                out_of = acc.finalize(merged)
                 result[f"{split}-{name}"] = (out_of.grads, out_of.loss, out_of.stats)
     elif scenario == "train":
         step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)

@@ -22,7 +22,7 @@ from funcaccum.testing import assert_trees_allclose, assert_trees_equal
 STRATEGIES = [
     pytest.param({"strategy": "vmap"}, id="vmap"),
     pytest.param({"strategy": "scan"}, id="scan"),
-    pytest.param({"strategy": "chunked", "chunk_size": 2}, id="chunked2"),
+    pytest.param({"strategy": fa.chunked(2)}, id="chunked2"),
 ]
 
 
@@ -129,8 +129,8 @@ def test_clipped_mean_with_unreachable_threshold_is_the_mean() -> None:
 def test_clipped_mean_stats_by_hand() -> None:
     reducer = fa.clipped_mean(1.0)
     state = reducer.init({"w": torch.zeros(2)})
-    state = reducer.fold(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
-    state = reducer.fold(state, {"w": torch.tensor([0.0, 0.5])}, torch.tensor(3.0))
+    state = reducer.update(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+    state = reducer.update(state, {"w": torch.tensor([0.0, 0.5])}, torch.tensor(3.0))
     grads, stats = reducer.finalize(state)
     torch.testing.assert_close(grads["w"], torch.tensor([0.6, 0.8 + 1.5]) / 4)
     assert stats["clip_fraction"].item() == 0.5
@@ -142,7 +142,7 @@ def test_clipped_mean_stats_by_hand() -> None:
 def test_clipped_mean_never_drops_an_infinite_gradient() -> None:
     reducer = fa.clipped_mean(1.0)
     state = reducer.init({"w": torch.zeros(2)})
-    state = reducer.fold(
+    state = reducer.update(
         state, {"w": torch.tensor([[1.0, 0.0], [float("inf"), 0.0]])}, torch.ones(2)
     )
     grads, _ = reducer.finalize(state)
@@ -177,18 +177,12 @@ def test_an_all_padding_microbatch_contributes_nothing(reducer: fa.Reducer, opti
 def test_partial_states_merge_to_the_whole(reducer: fa.Reducer) -> None:
     params, batch = mlp_params(), classification_batch(19)
     # Same microbatch boundaries in the parts as in the whole: 3,3,3 | 3,3,3,1.
-    whole = fa.fold(mlp_loss, params, batch, reducer=reducer, microbatch_size=3)
-    first = fa.fold(
-        mlp_loss, params, {k: v[:9] for k, v in batch.items()}, reducer=reducer, microbatch_size=3
-    )
-    second = fa.fold(
-        mlp_loss, params, {k: v[9:] for k, v in batch.items()}, reducer=reducer, microbatch_size=3
-    )
-    for merged in (
-        fa.merge(first, second, reducer=reducer),
-        fa.merge(second, first, reducer=reducer),
-    ):
-        got, want = fa.finalize(merged, reducer=reducer), fa.finalize(whole, reducer=reducer)
+    acc = fa.Accumulation(reducer=reducer, microbatch_size=3)
+    whole = acc.fold(mlp_loss, params, batch)
+    first = acc.fold(mlp_loss, params, {k: v[:9] for k, v in batch.items()})
+    second = acc.fold(mlp_loss, params, {k: v[9:] for k, v in batch.items()})
+    for merged in (acc.merge(first, second), acc.merge(second, first)):
+        got, want = acc.finalize(merged), acc.finalize(whole)
         assert_trees_allclose(got.grads, want.grads, rtol=1e-12, atol=1e-15)
         assert_trees_allclose(got.stats, want.stats, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(got.loss, want.loss, rtol=1e-12, atol=0)
@@ -196,12 +190,12 @@ def test_partial_states_merge_to_the_whole(reducer: fa.Reducer) -> None:
 
 def test_streaming_fold_over_loader_batches_equals_one_big_batch() -> None:
     params, batch = mlp_params(), classification_batch(19)
-    state = None
+    acc, state = fa.Accumulation(), None
     for start in range(0, 19, 5):  # loader batches of 5, 5, 5, 4
-        state = fa.fold(
-            mlp_loss, params, {k: v[start : start + 5] for k, v in batch.items()}, state=state
+        state = acc.fold(
+            mlp_loss, params, {k: v[start : start + 5] for k, v in batch.items()}, state
         )
-    result = fa.finalize(state)
+    result = acc.finalize(state)
     assert_trees_allclose(result.grads, grad(mlp_loss)(params, batch), rtol=1e-10, atol=1e-13)
 
 
@@ -230,9 +224,10 @@ def test_accumulate_does_not_mutate_its_inputs_and_fold_returns_new_state() -> N
     params, batch = mlp_params(), classification_batch(19)
     params_before = fa.tree_scale(params, 1.0)
     batch_before = {k: v.clone() for k, v in batch.items()}
-    state = fa.fold(mlp_loss, params, batch, num_microbatches=3)
+    acc = fa.Accumulation(num_microbatches=3)
+    state = acc.fold(mlp_loss, params, batch)
     state_before = fa.tree_scale(state, 1)
-    fa.fold(mlp_loss, params, batch, num_microbatches=3, state=state)
+    acc.fold(mlp_loss, params, batch, state)
     assert_trees_equal(params, params_before)
     assert_trees_equal(batch, batch_before)
     assert_trees_equal(state, state_before)
@@ -261,7 +256,7 @@ def test_aux_is_stacked_per_microbatch() -> None:
     for options in (
         {"strategy": "vmap"},
         {"strategy": "scan"},
-        {"strategy": "chunked", "chunk_size": 3},
+        {"strategy": fa.chunked(3)},
     ):
         result = fa.accumulate(
             loss_with_accuracy, params, batch, num_microbatches=5, has_aux=True, **options
@@ -277,14 +272,14 @@ def test_dropout_needs_an_explicit_randomness_choice() -> None:
         x = torch.nn.functional.dropout(batch["x"], p=0.5, training=True)
         return mlp_loss(params, {"x": x, "y": batch["y"]})
 
-    with pytest.raises(fa.FuncaccumError, match="randomness='different'"):
+    with pytest.raises(fa.FuncaccumError, match=r"vmap\(randomness='different'\)"):
         fa.accumulate(dropout_loss, params, batch, num_microbatches=4, strategy="vmap")
     torch.manual_seed(0)
     per = fa.microbatch_grads(dropout_loss, params, batch, microbatch_size=6, randomness="same")
     assert per.grads["layer0"]["w"].shape[0] == 2
     torch.manual_seed(0)
     result = fa.accumulate(
-        dropout_loss, params, batch, num_microbatches=4, strategy="vmap", randomness="different"
+        dropout_loss, params, batch, num_microbatches=4, strategy=fa.vmap(randomness="different")
     )
     assert torch.isfinite(result.loss)
     # Identical microbatches see one mask under "same" and different masks under "different".

@@ -15,7 +15,7 @@ from funcaccum.testing import assert_trees_allclose
 STRATEGIES = [
     pytest.param({"strategy": "vmap"}, id="vmap"),
     pytest.param({"strategy": "scan"}, id="scan"),
-    pytest.param({"strategy": "chunked", "chunk_size": 3}, id="chunked3"),
+    pytest.param({"strategy": fa.chunked(3)}, id="chunked3"),
 ]
 RAW = ("noise_trace", "grad_sq", "noise_scale", "step_scale", "efficiency", "suggested_k", "ready")
 
@@ -57,31 +57,20 @@ def test_every_strategy_gives_the_same_statistics(options: dict) -> None:
 
 def test_merged_parts_and_permuted_microbatches_give_the_same_statistics() -> None:
     params, batch = sequence_params(), sequence_batch(12)
-    reducer = fa.adaptive()
+    acc = fa.Accumulation(reducer=fa.adaptive(), microbatch_size=2, has_weight=True)
 
-    def fold(part: dict, state: fa.FoldState | None = None) -> fa.FoldState:
-        return fa.fold(
-            token_weighted_loss,
-            params,
-            part,
-            reducer=reducer,
-            microbatch_size=2,
-            has_weight=True,
-            state=state,
+    def fold(part: dict) -> fa.FoldState:
+        return acc.fold(token_weighted_loss, params, part)
+
+    whole = acc.finalize(fold(batch))
+    merged = acc.finalize(
+        acc.merge(
+            fold({k: v[:6] for k, v in batch.items()}), fold({k: v[6:] for k, v in batch.items()})
         )
-
-    whole = fa.finalize(fold(batch), reducer=reducer)
-    merged = fa.finalize(
-        fa.merge(
-            fold({k: v[:6] for k, v in batch.items()}),
-            fold({k: v[6:] for k, v in batch.items()}),
-            reducer=reducer,
-        ),
-        reducer=reducer,
     )
     order = torch.tensor([4, 1, 5, 0, 3, 2])  # permute whole microbatches of 2
     permuted = {k: v.view(6, 2, *v.shape[1:])[order].flatten(0, 1) for k, v in batch.items()}
-    shuffled = fa.finalize(fold(permuted), reducer=reducer)
+    shuffled = acc.finalize(fold(permuted))
     for other in (merged, shuffled):
         assert_trees_allclose(
             {k: other.stats[k] for k in RAW},
@@ -107,7 +96,7 @@ def test_monte_carlo_estimates_are_unbiased_and_the_naive_ones_are_not() -> None
         state, start = reducer.init({"w": w}), 0
         for size in sizes:
             unit = sample[start : start + size]
-            state = reducer.fold(
+            state = reducer.update(
                 state, grad(quadratic_loss)({"w": w}, unit), torch.tensor(float(size))
             )
             start += size
@@ -207,7 +196,7 @@ def test_the_predictive_controller_settles_on_the_suggested_k() -> None:
     """B = 18, microbatches of 4, theta = 1: ceil(18 / 4) = 5 microbatches per step."""
     d, m = 18, 4
     step = fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(0.0), reducer=fa.adaptive(k_max=16))
-    runner = fa.AdaptiveBatching(step, k_min=2, k_max=16)
+    runner = fa.AdaptiveBatching(step)
     state = step.init({"w": torch.zeros(d, dtype=torch.float64)})
     microbatches = iter(isotropic_stream(3000, m, d, torch.Generator().manual_seed(3)))
     ks = []
@@ -220,9 +209,9 @@ def test_the_predictive_controller_settles_on_the_suggested_k() -> None:
 
 def test_the_sequential_controller_stops_when_ready_or_at_k_max() -> None:
     step = fa.train_step(
-        quadratic_loss, optimizer=fa.optim.sgd(0.0), reducer=fa.adaptive(theta=0.5)
+        quadratic_loss, optimizer=fa.optim.sgd(0.0), reducer=fa.adaptive(theta=0.5, k_max=12)
     )
-    runner = fa.AdaptiveBatching(step, controller="sequential", k_min=2, k_max=12)
+    runner = fa.AdaptiveBatching(step, controller="sequential")
     state = step.init({"w": torch.zeros(8, dtype=torch.float64)})
     microbatches = iter(isotropic_stream(2000, 4, 8, torch.Generator().manual_seed(4)))
     for _ in range(40):
@@ -233,9 +222,12 @@ def test_the_sequential_controller_stops_when_ready_or_at_k_max() -> None:
 
 def test_adaptive_batching_stops_after_too_many_non_finite_steps() -> None:
     step = fa.train_step(
-        quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=fa.adaptive(), max_consecutive_skips=2
+        quadratic_loss,
+        optimizer=fa.optim.sgd(0.1),
+        reducer=fa.adaptive(k_max=2),
+        max_consecutive_skips=2,
     )
-    runner = fa.AdaptiveBatching(step, k_min=2, k_max=2)
+    runner = fa.AdaptiveBatching(step)
     start = step.init({"w": torch.zeros(2, dtype=torch.float64)})
     poisoned = iter(torch.full((10, 3, 2), torch.nan, dtype=torch.float64))
     state, metrics = runner(start, poisoned)
@@ -246,8 +238,9 @@ def test_adaptive_batching_stops_after_too_many_non_finite_steps() -> None:
 
 
 def test_a_short_iterator_gives_a_partial_last_step_then_stops() -> None:
-    step = fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=fa.adaptive())
-    runner = fa.AdaptiveBatching(step, k_min=3, k_max=3)
+    reducer = fa.adaptive(k_min=3, k_max=3)
+    step = fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=reducer)
+    runner = fa.AdaptiveBatching(step)
     state = step.init({"w": torch.zeros(2, dtype=torch.float64)})
     microbatches = iter(torch.randn(4, 5, 2, dtype=torch.float64))
     state, metrics = runner(state, microbatches)
@@ -288,12 +281,35 @@ def test_a_schedule_can_run_on_progress() -> None:
             schedule(metrics["progress"]).item()
         )
     assert state.reducer_carry.progress.item() > 5  # tau outruns the step count when r > 1
-    plain = fa.train_step(
-        quadratic_loss, optimizer=fa.optim.sgd(schedule), schedule_clock="progress"
-    )
-    plain_state = plain.init({"w": torch.zeros(3)})
-    with pytest.raises(fa.FuncaccumError, match="needs a reducer that reports progress"):
-        plain(plain_state, torch.randn(4, 3))
+    # Refused when the step is built, not at its first call.
+    with pytest.raises(fa.FuncaccumError, match="needs a reducer whose carry controls progress"):
+        fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(schedule), schedule_clock="progress")
+
+
+def test_a_statistic_named_like_a_control_field_changes_nothing() -> None:
+    """Stats are reported only: a reducer reporting step_scale=100 does not scale the step."""
+    inner = fa.mean()
+
+    def finalize(state: fa.MeanState) -> tuple:
+        grads, stats = inner.finalize(state)
+        loud = torch.tensor(100.0, dtype=torch.float64)
+        return grads, {**stats, "step_scale": loud, "progress": loud, "suggested_k": loud}
+
+    reporting = inner._replace(finalize=finalize)
+    params = {"w": torch.zeros(3, dtype=torch.float64)}
+    batch = torch.randn(16, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    runs = []
+    for reducer in (inner, reporting):
+        step = fa.train_step(
+            quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=reducer, num_microbatches=4
+        )
+        state = step.init(params)
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        runs.append((state.params, metrics))
+    assert runs[1][1]["step_scale"].item() == 100.0  # reported as given ...
+    assert torch.equal(runs[0][0]["w"], runs[1][0]["w"])  # ... and the step is mean's, bit for bit
+    assert torch.isfinite(runs[1][0]["w"]).all() and runs[1][0]["w"].abs().sum() > 0
 
 
 def test_options_are_checked() -> None:

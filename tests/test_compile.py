@@ -14,7 +14,7 @@ pytestmark = pytest.mark.compile
 STRATEGIES = [
     pytest.param({"strategy": "vmap"}, id="vmap"),
     pytest.param({"strategy": "scan"}, id="scan"),
-    pytest.param({"strategy": "chunked", "chunk_size": 3}, id="chunked3"),
+    pytest.param({"strategy": fa.chunked(3)}, id="chunked3"),
 ]
 
 

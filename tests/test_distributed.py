@@ -91,7 +91,7 @@ def test_training_keeps_ranks_bit_identical_with_one_collective_per_step(tmp_pat
     state = step.init(mlp_params())
     for i in range(20):
         batch = classification_batch(20, seed=i)
-        folded = fa.merge(
+        folded = step.accumulation.merge(
             step.fold(state, {k: v[:12] for k, v in batch.items()}),
             step.fold(state, {k: v[12:] for k, v in batch.items()}),
         )

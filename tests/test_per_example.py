@@ -273,7 +273,7 @@ def test_padding_and_declared_denominators() -> None:
         return (losses * mask).sum() / mask.sum().clamp(min=1), mask.sum()
 
     real = fa.accumulate(loss_fn, params, batch, reducer=fa.clipped_mean(0.7), microbatch_size=1)
-    for options in ({"strategy": "vmap"}, {"strategy": "chunked", "chunk_size": 8}):
+    for options in ({"strategy": fa.vmap()}, {"strategy": fa.chunked(8)}):
         result = fa.accumulate(
             masked_loss,
             params,
@@ -323,7 +323,7 @@ def test_noise_is_added_once_per_step_with_the_right_scale(units: int) -> None:
     params = {"w": torch.zeros(20000, dtype=torch.float64)}
     state = reducer.init(params)
     for _ in range(units):
-        state = reducer.fold(
+        state = reducer.update(
             state, {"w": torch.zeros(20000, dtype=torch.float64)}, torch.tensor(2.0)
         )
     noise = reducer.finalize(state)[0]["w"]

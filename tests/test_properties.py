@@ -137,27 +137,20 @@ def test_merge_is_associative_and_commutative(name, size, counts, remainder, max
         bounds.append(bounds[-1] + count * size)
     bounds[-1] += remainder
     batch = classification_batch(bounds[-1], seed=seed)
+    acc = fa.Accumulation(reducer=reducer, microbatch_size=size)
     a, b, c = (
-        fa.fold(
-            mlp_loss,
-            PARAMS,
-            {k: v[lo:hi] for k, v in batch.items()},
-            reducer=reducer,
-            microbatch_size=size,
-        )
+        acc.fold(mlp_loss, PARAMS, {k: v[lo:hi] for k, v in batch.items()})
         for lo, hi in pairwise(bounds)
     )
-
-    def merge(x, y):
-        return fa.merge(x, y, reducer=reducer)
+    merge = acc.merge
 
     _close(merge(merge(a, b), c), merge(a, merge(b, c)), 1e-12)
     _close(merge(a, b), merge(b, a), 1e-12)
     _close(merge(merge(a, b), c), merge(c, merge(b, a)), 1e-12)
 
-    whole = fa.fold(mlp_loss, PARAMS, batch, reducer=reducer, microbatch_size=size)
-    parts = fa.finalize(merge(merge(a, b), c), reducer=reducer)
-    expected = fa.finalize(whole, reducer=reducer)
+    whole = acc.fold(mlp_loss, PARAMS, batch)
+    parts = acc.finalize(merge(merge(a, b), c))
+    expected = acc.finalize(whole)
     _close(parts.grads, expected.grads, 1e-10)
     _close(parts.loss, expected.loss, 1e-10)
     _close(parts.weight, expected.weight, 1e-10)

@@ -444,23 +444,19 @@ def test_weight_decay_without_params_is_refused() -> None:
 @pytest.mark.parametrize("strategy", ["vmap", "scan"])
 def test_a_state_finalized_with_the_wrong_reducer_is_refused(strategy: str) -> None:
     params, batch = mlp_params(), classification_batch(8)
-    clipped = fa.init_fold(params, reducer=fa.clipped_mean(1.0))
+    # A state carries no reducer; the Accumulation that made it does. Another one refuses it.
+    clipped_acc = fa.Accumulation(reducer=fa.clipped_mean(1.0), num_microbatches=2)
+    mean_acc = fa.Accumulation(num_microbatches=2, strategy=strategy)
+    clipped = clipped_acc.init(params)
     with pytest.raises(
         fa.FuncaccumError,
         match=r"mean\(\)'s finalize got ClippedMeanState.*made by clipped_mean\(\)",
     ):
-        fa.finalize(clipped, reducer=fa.mean())
+        mean_acc.finalize(clipped)
     with pytest.raises(fa.FuncaccumError, match=r"mean\(\)'s merge got ClippedMeanState"):
-        fa.merge(fa.init_fold(params), clipped)
-    with pytest.raises(fa.FuncaccumError, match=r"adaptive\(\)'s fold got ClippedMeanState"):
-        fa.fold(
-            mlp_loss,
-            params,
-            batch,
-            reducer=fa.adaptive(),
-            state=clipped,
-            num_microbatches=2,
-            strategy=strategy,
-        )
+        mean_acc.merge(mean_acc.init(params), clipped)
+    adaptive_acc = fa.Accumulation(reducer=fa.adaptive(), num_microbatches=2, strategy=strategy)
+    with pytest.raises(fa.FuncaccumError, match=r"adaptive\(\)'s update got ClippedMeanState"):
+        adaptive_acc.fold(mlp_loss, params, batch, clipped)
     with pytest.raises(fa.FuncaccumError, match=r"clipped_mean\(\)'s finalize got MeanState"):
-        fa.finalize(fa.init_fold(params), reducer=fa.clipped_mean(1.0))
+        clipped_acc.finalize(mean_acc.init(params))

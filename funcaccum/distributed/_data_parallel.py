@@ -189,7 +189,7 @@ class DataParallel:
     def __call__(self, state: TrainState, local_batch: PyTree | None) -> tuple[TrainState, Metrics]:
         """One optimizer step on every rank's local batch (None: this rank has no examples)."""
         folded: FoldState = (
-            self.step.init_fold(state)
+            self.step.accumulation.init(state.params)
             if local_batch is None
             else self._parts.fold(state, local_batch)[0]
         )

@@ -9,8 +9,9 @@ import optree
 import torch
 from torch.func import grad_and_value
 
-from .._accumulate import LossFn, Strategy, accumulate
+from .._accumulate import LossFn, accumulate
 from .._microbatch import split_microbatches
+from .._strategy import Strategy, chunked, vmap
 from .._tree import PyTree, tree_add, tree_cast, tree_scale, tree_vdot
 
 __all__ = ["assert_accumulation_exact"]
@@ -95,6 +96,13 @@ def _diagnose(
     )
 
 
+# The shorthands this check accepts: dropout draws independently, as a sequential loop does.
+_CHECKED: dict[Any, Strategy] = {
+    "vmap": vmap(randomness="different"),
+    "chunked": chunked(2, randomness="different"),
+}
+
+
 def assert_accumulation_exact(
     loss_fn: LossFn,
     params: PyTree,
@@ -102,7 +110,7 @@ def assert_accumulation_exact(
     *,
     num_microbatches: int | None = None,
     microbatch_size: int | None = None,
-    strategies: Sequence[Strategy] = ("vmap", "scan", "chunked"),
+    strategies: Sequence[Strategy | str] = ("vmap", "scan", "chunked"),
     has_weight: bool = False,
     dtype: torch.dtype | None = torch.float64,
     rtol: float = 1e-9,
@@ -130,7 +138,9 @@ def assert_accumulation_exact(
         num_microbatches: the split to check (default: 3 microbatches, or
             fewer for a smaller batch).
         microbatch_size: or this.
-        strategies: the strategies to check; ``"chunked"`` uses chunks of 2.
+        strategies: the strategies to check: :class:`~funcaccum.Strategy`
+            objects, or ``"vmap"`` (random draws differ per microbatch),
+            ``"scan"`` and ``"chunked"`` (chunks of 2).
         has_weight: ``loss_fn`` returns ``(loss, weight)``.
         dtype: cast params and floating batch leaves to this (None: as they are).
         rtol: relative tolerance on the gradient's global norm.
@@ -163,8 +173,8 @@ def assert_accumulation_exact(
     failures = []
     for strategy in strategies:
         result = accumulate(
-            loss_fn, params, batch, **split, strategy=strategy, has_weight=has_weight,
-            chunk_size=2 if strategy == "chunked" else None, randomness="different",
+            loss_fn, params, batch, **split, strategy=_CHECKED.get(strategy, strategy),
+            has_weight=has_weight,
         )  # fmt: skip
         error = _relative_error(result.grads, full)
         if not _norm(tree_add(result.grads, tree_scale(full, -1.0))) <= atol + rtol * _norm(full):
