@@ -309,7 +309,8 @@ def test_a_statistic_named_like_a_control_field_changes_nothing() -> None:
         runs.append((state.params, metrics))
     assert runs[1][1]["step_scale"].item() == 100.0  # reported as given ...
     assert torch.equal(runs[0][0]["w"], runs[1][0]["w"])  # ... and the step is mean's, bit for bit
-    assert torch.isfinite(runs[1][0]["w"]).all() and runs[1][0]["w"].abs().sum() > 0
+    assert torch.isfinite(runs[1][0]["w"]).all()
+    assert runs[1][0]["w"].abs().sum() > 0
 
 
 def test_options_are_checked() -> None:
