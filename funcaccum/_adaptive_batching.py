@@ -52,6 +52,7 @@ class AdaptiveBatching:
         compile: compile :meth:`TrainStep.fold` and :meth:`TrainStep.apply`.
 
     Example:
+        >>> import torch
         >>> from funcaccum import adaptive, optim, train_step
         >>> def loss_fn(params, batch):
         ...     return 0.5 * torch.sum((params["w"] - batch) ** 2, dim=-1).mean()

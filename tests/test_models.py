@@ -115,7 +115,7 @@ def test_model_state_errors_name_the_fix() -> None:
         logits, model_state = apply(params, model_state, batch[0])
         return functional.cross_entropy(logits, batch[1]), model_state
 
-    with pytest.raises(fa.FuncaccumError, match=r"has_state=True.*needs strategy='scan'"):
+    with pytest.raises(fa.FuncaccumError, match=r"has_state=True.*needs strategy=scan\(\)"):
         fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), strategy="vmap", has_state=True)
     step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), has_state=True)
     with pytest.raises(fa.FuncaccumError, match=r"needs init\(params, model_state=\.\.\.\)"):
@@ -205,7 +205,7 @@ def test_a_model_vmap_cannot_batch_gets_told_to_use_scan() -> None:
     g = torch.Generator().manual_seed(3)
     batch = (torch.randn(6, 5, 4, generator=g, dtype=torch.float64),  # (n, time, features)
              torch.randint(3, (6,), generator=g))  # fmt: skip
-    message = r"(?s)failed under torch.func.vmap.*strategy='scan'"
+    message = r"(?s)failed under torch.func.vmap.*strategy=scan\(\)"
     with pytest.raises(fa.FuncaccumError, match=message):
         fa.accumulate(loss_fn, params, batch, num_microbatches=3, strategy="vmap")
     scanned = fa.accumulate(loss_fn, params, batch, num_microbatches=3, strategy="scan")

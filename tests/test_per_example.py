@@ -170,7 +170,7 @@ def test_ghost_refuses_what_it_cannot_do() -> None:
     def weighted(params: dict, batch: Batch) -> tuple:
         return loss_fn(params, batch), batch[1].shape[0]
 
-    with pytest.raises(fa.FuncaccumError, match="no has_weight"):
+    with pytest.raises(fa.FuncaccumError, match="has_weight, has_aux and has_state must be False"):
         fa.accumulate(
             weighted,
             params,

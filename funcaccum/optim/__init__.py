@@ -11,6 +11,7 @@ from ._adam import ScaleByAdamState, adam, adamw, scale_by_adam
 from ._base import (
     GradientTransformation,
     Schedule,
+    ScheduleStep,
     apply_updates,
     chain,
     get_hyperparams,
@@ -50,6 +51,7 @@ __all__ = [
     "ScaleByLionState",
     "ScaleByScheduleState",
     "Schedule",
+    "ScheduleStep",
     "TraceState",
     "adam",
     "adamw",

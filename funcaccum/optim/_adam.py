@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .._reducer import accumulator_like
 from .._tree import PyTree, foreach_map, tree_device
 from .._validate import check_hyperparam
-from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
+from ._base import GradientTransformation, Schedule, ScheduleStep, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._masked import Mask
 from ._weight_decay import add_decayed_weights
@@ -53,7 +53,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         )
 
     def update(
-        updates: PyTree, state: ScaleByAdamState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: ScaleByAdamState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByAdamState]:
         h = state.hyperparams
         count = state.count + 1

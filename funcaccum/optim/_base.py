@@ -15,6 +15,7 @@ from .._validate import check_hyperparam, check_params, check_state, describe
 __all__ = [
     "GradientTransformation",
     "Schedule",
+    "ScheduleStep",
     "apply_updates",
     "chain",
     "checked",
@@ -26,6 +27,9 @@ __all__ = [
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 """A function of the optimizer-step count (0-d int64 tensor) to a 0-d float64 value."""
+
+ScheduleStep = torch.Tensor | None
+"""What schedules read instead of their own step count, or None: their own count."""
 
 # Hyperparameters are 0-d float64 tensors: changing one changes no graph (no
 # recompile), and scalar arithmetic such as Adam's bias corrections stays
@@ -39,7 +43,7 @@ class _Init(Protocol):
 
 class _Update(Protocol):
     def __call__(
-        self, updates: PyTree, state: Any, params: PyTree = None, **extra: Any
+        self, updates: PyTree, state: Any, params: PyTree = None, schedule_step: ScheduleStep = None
     ) -> tuple[PyTree, Any]: ...
 
 
@@ -48,12 +52,13 @@ class GradientTransformation(NamedTuple):
 
     Attributes:
         init: ``init(params) -> state``, a NamedTuple of tensors.
-        update: ``update(updates, state, params, **extra) -> (updates, state)``;
-            the incoming updates are gradients, the outgoing ones are added to
-            the params by :func:`apply_updates`. ``extra`` holds optional
-            inputs a transformation may read and must otherwise ignore:
-            ``schedule_step``, a value schedules read instead of their own step
-            count (``train_step(schedule_clock="progress")`` passes it).
+        update: ``update(updates, state, params=None, schedule_step=None) ->
+            (updates, state)``; the incoming updates are gradients, the
+            outgoing ones are added to the params by :func:`apply_updates`.
+            ``schedule_step`` is a value schedules read instead of their own
+            step count (``train_step(schedule_clock="progress")`` passes the
+            reducer's :attr:`~funcaccum.Control.progress`); a rule without a
+            schedule ignores it, and a rule built from others passes it on.
     """
 
     init: _Init
@@ -94,14 +99,14 @@ def with_checks(
         return inner_init(params)
 
     def update(
-        updates: PyTree, state: Any, params: PyTree = None, **extra: Any
+        updates: PyTree, state: Any, params: PyTree = None, schedule_step: ScheduleStep = None
     ) -> tuple[PyTree, Any]:
         state_check(state)
         if needs_params and params is None:
             raise FuncaccumError(
                 f"{owner} reads the params: call update(updates, state, params), not without them"
             )
-        return inner_update(updates, state, params, **extra)
+        return inner_update(updates, state, params, schedule_step)
 
     update.checked = True  # type: ignore[attr-defined]  # marks a guarded rule for checked()
     return GradientTransformation(init, update)
@@ -180,11 +185,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     def update(
-        updates: PyTree, state: tuple[Any, ...], params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: tuple[Any, ...],
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, Any]:
         new_state = []
         for transform, inner in zip(transforms, state, strict=True):
-            updates, inner = transform.update(updates, inner, params, **extra)
+            updates, inner = transform.update(updates, inner, params, schedule_step)
             new_state.append(inner)
         return updates, tuple(new_state)
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .._tree import PyTree, tree_global_norm, tree_scale
 from .._validate import check_hyperparam
-from ._base import GradientTransformation, checked, hyperparams
+from ._base import GradientTransformation, ScheduleStep, checked, hyperparams
 
 __all__ = ["ClipByGlobalNormState", "clip_by_global_norm"]
 
@@ -39,7 +39,10 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return ClipByGlobalNormState(hyperparams(params, max_norm=max_norm))
 
     def update(
-        updates: PyTree, state: ClipByGlobalNormState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: ClipByGlobalNormState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ClipByGlobalNormState]:
         limit = state.hyperparams["max_norm"]
         norm = tree_global_norm(updates)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .._tree import PyTree, tree_device, tree_scale
 from .._validate import check_callable, check_hyperparam
-from ._base import GradientTransformation, Schedule, checked, hyperparams
+from ._base import GradientTransformation, Schedule, ScheduleStep, checked, hyperparams
 
 __all__ = [
     "ScaleByLearningRateState",
@@ -36,7 +36,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     A number becomes a 0-d tensor in the state, which
     :func:`~funcaccum.optim.set_hyperparams` can change without a recompile.
     A schedule is evaluated at the optimizer-step count held here, which moves
-    once per update (never per microbatch), or at ``extra["schedule_step"]``
+    once per update (never per microbatch), or at ``schedule_step``
     when the caller passes one; the state records the value used.
 
     Example:
@@ -58,9 +58,12 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         return ScaleByLearningRateState(count, hyperparams(params, learning_rate=first))
 
     def update(
-        updates: PyTree, state: ScaleByLearningRateState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: ScaleByLearningRateState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByLearningRateState]:
-        clock = extra.get("schedule_step", state.count)
+        clock = state.count if schedule_step is None else schedule_step
         rate = state.hyperparams["learning_rate"] if schedule is None else schedule(clock)
         return tree_scale(updates, -rate), ScaleByLearningRateState(
             state.count + 1, {"learning_rate": rate}
@@ -93,9 +96,12 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         return ScaleByScheduleState(_count(params))
 
     def update(
-        updates: PyTree, state: ScaleByScheduleState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: ScaleByScheduleState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByScheduleState]:
-        clock = extra.get("schedule_step", state.count)
+        clock = state.count if schedule_step is None else schedule_step
         return tree_scale(updates, schedule(clock)), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .._reducer import accumulator_like
 from .._tree import PyTree, foreach_map
 from .._validate import check_hyperparam
-from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
+from ._base import GradientTransformation, Schedule, ScheduleStep, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._masked import Mask
 from ._weight_decay import add_decayed_weights
@@ -43,7 +43,10 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         return ScaleByLionState(accumulator_like(params), hyperparams(params, b1=b1, b2=b2))
 
     def update(
-        updates: PyTree, state: ScaleByLionState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: ScaleByLionState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByLionState]:
         h = state.hyperparams
         direction = foreach_map(

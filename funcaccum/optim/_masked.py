@@ -11,7 +11,7 @@ import torch  # noqa: F401  (the doctests' namespace)
 from .._errors import FuncaccumError
 from .._tree import PyTree
 from .._validate import check_state, describe
-from ._base import GradientTransformation, with_checks
+from ._base import GradientTransformation, ScheduleStep, with_checks
 
 __all__ = [
     "Mask",
@@ -174,14 +174,17 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         return MaskedState(inner.init(select_leaves(params, flags, bool)))
 
     def update(
-        updates: PyTree, state: MaskedState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: MaskedState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, MaskedState]:
         flags = mask(updates if params is None else params) if callable(mask) else mask
         inner_updates, inner_state = inner.update(
             select_leaves(updates, flags, bool),
             state.inner_state,
             None if params is None else select_leaves(params, flags, bool),
-            **extra,
+            schedule_step=schedule_step,
         )
         updates = optree.tree_map(
             lambda keep, new, old: new if keep else old,

@@ -11,7 +11,7 @@ import torch  # noqa: F401  (the doctests' namespace)
 from .._errors import FuncaccumError
 from .._tree import PyTree
 from .._validate import check_state, describe
-from ._base import GradientTransformation, with_checks
+from ._base import GradientTransformation, ScheduleStep, with_checks
 from ._masked import leaf_labels, select_leaves
 
 __all__ = ["MultiTransformState", "multi_transform"]
@@ -107,7 +107,10 @@ def multi_transform(
         )
 
     def update(
-        updates: PyTree, state: MultiTransformState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: MultiTransformState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, MultiTransformState]:
         tree = updates if params is None else params
         labels = param_labels(tree) if callable(param_labels) else param_labels
@@ -118,7 +121,7 @@ def multi_transform(
                 select_leaves(updates, labels, keep),
                 state.inner_states[label],
                 None if params is None else select_leaves(params, labels, keep),
-                **extra,
+                schedule_step=schedule_step,
             )
             outputs.append(group_updates)
         # Each output holds its group's leaves and None elsewhere: take each leaf from its group.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -10,7 +10,7 @@ from .._errors import FuncaccumError
 from .._reducer import accumulator_like
 from .._tree import PyTree, foreach_map
 from .._validate import check_bool, check_hyperparam
-from ._base import GradientTransformation, Schedule, chain, checked, hyperparams
+from ._base import GradientTransformation, Schedule, ScheduleStep, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate
 from ._masked import Mask
 from ._weight_decay import add_decayed_weights
@@ -48,7 +48,10 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
         return TraceState(accumulator_like(params), hyperparams(params, momentum=momentum))
 
     def update(
-        updates: PyTree, state: TraceState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: TraceState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, TraceState]:
         decay = state.hyperparams["momentum"]
         new_trace = foreach_map(lambda t, g: t.mul(decay) + g, state.trace, updates)

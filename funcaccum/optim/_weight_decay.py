@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
 from .._tree import PyTree, foreach_map
 from .._validate import check_hyperparam
-from ._base import GradientTransformation, checked, hyperparams
+from ._base import GradientTransformation, ScheduleStep, checked, hyperparams
 from ._masked import Mask, masked
 
 __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
@@ -49,7 +49,10 @@ def add_decayed_weights(weight_decay: float, *, mask: Mask | None = None) -> Gra
         return AddDecayedWeightsState(hyperparams(params, weight_decay=weight_decay))
 
     def update(
-        updates: PyTree, state: AddDecayedWeightsState, params: PyTree = None, **extra: Any
+        updates: PyTree,
+        state: AddDecayedWeightsState,
+        params: PyTree = None,
+        schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, AddDecayedWeightsState]:
         decay = state.hyperparams["weight_decay"]
         updates = foreach_map(lambda u, p: u + p.to_dtypes_of(u).mul(decay), updates, params)
