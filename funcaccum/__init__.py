@@ -27,6 +27,7 @@ from ._functional import functional_model, load_into
 from ._ghost import ghost
 from ._mean import MeanState, mean
 from ._microbatch import MicrobatchGroup, plan_microbatches, split_microbatches
+from ._model_state import running_stats
 from ._reducer import BatchControl, CarryRule, Control, Maximum, Reducer
 from ._strategy import GroupRunner, Strategy, chunked, scan, vmap
 from ._train import StepParts, TrainState, TrainStep, train_step
@@ -86,6 +87,7 @@ __all__ = [
     "noise_statistics",
     "optim",
     "plan_microbatches",
+    "running_stats",
     "save",
     "split_microbatches",
     "train_step",

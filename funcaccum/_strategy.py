@@ -12,6 +12,7 @@ from torch.func import vmap as _vmap
 from ._errors import FuncaccumError
 from ._fold import Folder, FoldState, MicrobatchOutput
 from ._microbatch import MicrobatchGroup
+from ._model_state import CombineStates
 from ._tree import PyTree
 from ._validate import check_int
 
@@ -102,17 +103,14 @@ def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: PyTree) -
             ys.append(y)
         return carry, stack(ys)
     # The op's body may return only tensors, lists, tuples and dicts: flatten our NamedTuples.
-    carry_leaves, carry_def = optree.tree_flatten(carry)
-    y_def = None
+    leaves, treedef = optree.tree_flatten(carry)
 
     def flat_body(leaves: list[torch.Tensor], x: Any) -> tuple[list[torch.Tensor], Any]:
-        nonlocal y_def
-        carry, y = body(optree.tree_unflatten(carry_def, leaves), x)
-        y_leaves, y_def = optree.tree_flatten(y)
-        return optree.tree_leaves(carry), y_leaves
+        carry, y = body(optree.tree_unflatten(treedef, leaves), x)
+        return optree.tree_leaves(carry), y
 
-    carry_leaves, y_leaves = _scan_hop(flat_body, carry_leaves, xs)
-    return optree.tree_unflatten(carry_def, carry_leaves), optree.tree_unflatten(y_def, y_leaves)
+    leaves, ys = _scan_hop(flat_body, leaves, xs)
+    return optree.tree_unflatten(treedef, leaves), ys
 
 
 def check_randomness(randomness: str) -> Randomness:
@@ -154,15 +152,14 @@ class Scan(NamedTuple):
         ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
             if torch.compiler.is_compiling():
 
-                def body(carry: tuple, microbatch: PyTree) -> tuple[tuple, MicrobatchOutput]:
+                def body(carry: tuple, microbatch: PyTree) -> tuple[tuple, tuple]:
                     state, model_state = carry
                     grads, out = folder.grad(params, model_state, microbatch, group.size)
-                    return (folder.add(state, grads, out), out.model_state), out._replace(
-                        model_state=()
-                    )
+                    new_carry = (folder.add(state, grads, out), out.model_state)
+                    return new_carry, tuple(out._replace(model_state=()))  # a plain tuple for scan
 
-                (state, model_state), outputs = _scan(body, (state, model_state), group.batch)
-                return state, outputs, model_state
+                (state, model_state), ys = _scan(body, (state, model_state), group.batch)
+                return state, MicrobatchOutput(*ys), model_state
             outputs = []
             for i in range(group.count):
                 microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
@@ -197,29 +194,39 @@ def scan() -> Scan:
     return Scan()
 
 
-def _chunk_runner(folder: Folder, randomness: Randomness) -> Callable[..., Any]:
+def _chunk_runner(
+    folder: Folder, randomness: Randomness, combine: CombineStates | None
+) -> Callable[..., Any]:
     """Fold a stacked chunk of microbatches, their gradients taken together under vmap."""
-    if folder.options.has_state:
+    has_state = folder.options.has_state
+    if has_state and combine is None:
         raise FuncaccumError(
-            "has_state=True (batch norm's running statistics, say) needs strategy=scan(): "
-            "each microbatch must see the state the one before it left, in order"
+            "has_state=True (batch norm's running statistics, say) under vmap needs to know how "
+            "the microbatches' states combine: model_state=fa.running_stats(module) for batch "
+            "norm; or strategy=scan(), where each microbatch sees the state the one before "
+            "it left, in order"
         )
 
     def chunk_step(
-        params: PyTree, state: FoldState, chunk: PyTree, size: int
-    ) -> tuple[FoldState, MicrobatchOutput]:
-        batched = _vmap(folder.grad, in_dims=(None, None, 0, None), randomness=randomness)
-        grads, out = under_vmap(batched, params, (), chunk, size)
-        return folder.add(state, grads, out), out
+        params: PyTree, state: FoldState, model_state: PyTree, chunk: PyTree, size: int
+    ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
+        count = optree.tree_leaves(chunk)[0].shape[0]
+        # Every microbatch starts from the same state, a copy each (layers update it in place).
+        starts = optree.tree_map(lambda x: x.expand(count, *x.shape), model_state)
+        batched = _vmap(folder.grad, in_dims=(None, 0, 0, None), randomness=randomness)
+        grads, out = under_vmap(batched, params, starts, chunk, size)
+        if has_state:
+            model_state = combine(model_state, out.model_state)
+        return folder.add(state, grads, out), out._replace(model_state=()), model_state
 
     compiled_step = folder.compile(chunk_step)
 
     def run_chunk(
-        params: PyTree, state: FoldState, chunk: PyTree, size: int
-    ) -> tuple[FoldState, MicrobatchOutput]:
+        params: PyTree, state: FoldState, model_state: PyTree, chunk: PyTree, size: int
+    ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
         # Inside a caller's compiled region the plain function is traced into its graph.
         step = chunk_step if torch.compiler.is_compiling() else compiled_step
-        return step(params, state, chunk, size)
+        return step(params, state, model_state, chunk, size)
 
     return run_chunk
 
@@ -228,27 +235,30 @@ class Vmap(NamedTuple):
     """Every microbatch of a group at once, under ``torch.func.vmap``. From :func:`vmap`."""
 
     randomness: Randomness = "error"
+    model_state: CombineStates | None = None
 
     def build(self, folder: Folder) -> GroupRunner:
         """One vmapped gradient per group (compiled with the step's loss)."""
-        run_chunk = _chunk_runner(folder, self.randomness)
+        run_chunk = _chunk_runner(folder, self.randomness, self.model_state)
 
         def run(
             params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
         ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
-            state, outputs = run_chunk(params, state, group.batch, group.size)
-            return state, outputs, model_state
+            return run_chunk(params, state, model_state, group.batch, group.size)
 
         return run
 
 
-def vmap(*, randomness: Randomness = "error") -> Vmap:
+def vmap(*, randomness: Randomness = "error", model_state: CombineStates | None = None) -> Vmap:
     """All microbatches of a group at once: fastest for small models, memory grows with ``K``.
 
     Args:
         randomness: what random operations (dropout) do under vmap:
             ``"error"`` (raise), ``"different"`` (independent draws per
             microbatch, as a loop gives) or ``"same"`` (one draw shared).
+        model_state: with ``has_state``, how the states the microbatches
+            leave, each from the same start, combine into the one a loop
+            would leave: :func:`~funcaccum.running_stats` for batch norm.
 
     Example:
         >>> import funcaccum as fa
@@ -259,7 +269,7 @@ def vmap(*, randomness: Randomness = "error") -> Vmap:
         >>> result.weight.item()
         8.0
     """
-    return Vmap(check_randomness(randomness))
+    return Vmap(check_randomness(randomness), _check_combine(model_state))
 
 
 class Chunked(NamedTuple):
@@ -267,10 +277,11 @@ class Chunked(NamedTuple):
 
     size: int
     randomness: Randomness = "error"
+    model_state: CombineStates | None = None
 
     def build(self, folder: Folder) -> GroupRunner:
         """Whole chunks in a loop (the ``scan`` op when traced), then one partial chunk."""
-        run_chunk = _chunk_runner(folder, self.randomness)
+        run_chunk = _chunk_runner(folder, self.randomness, self.model_state)
         size = self.size
 
         def run(
@@ -284,33 +295,42 @@ class Chunked(NamedTuple):
                 )
                 if torch.compiler.is_compiling():
 
-                    def body(state: FoldState, chunk: PyTree) -> tuple[FoldState, Any]:
-                        return run_chunk(params, state, chunk, group.size)
+                    def body(carry: tuple, chunk: PyTree) -> tuple[tuple, tuple]:
+                        state, y, model_state = run_chunk(params, *carry, chunk, group.size)
+                        return (state, model_state), tuple(y)  # a plain tuple for scan
 
-                    state, ys = _scan(body, state, chunks)
+                    (state, model_state), ys = _scan(body, (state, model_state), chunks)
+                    ys = MicrobatchOutput(*ys)
                 else:
                     parts = []
                     for i in range(whole):
                         chunk = optree.tree_map(lambda x, i=i: x[i], chunks)
-                        state, y = run_chunk(params, state, chunk, group.size)
+                        state, y, model_state = run_chunk(
+                            params, state, model_state, chunk, group.size
+                        )
                         parts.append(y)
                     ys = stack(parts)
                 outputs.append(optree.tree_map(lambda y: y.flatten(0, 1), ys))
             if rest_count:
                 remainder = optree.tree_map(lambda x: x[whole * size :], group.batch)
-                state, ys = run_chunk(params, state, remainder, group.size)
+                state, ys, model_state = run_chunk(
+                    params, state, model_state, remainder, group.size
+                )
                 outputs.append(ys)
             return state, concat(outputs), model_state
 
         return run
 
 
-def chunked(size: int, *, randomness: Randomness = "error") -> Chunked:
+def chunked(
+    size: int, *, randomness: Randomness = "error", model_state: CombineStates | None = None
+) -> Chunked:
     """``size`` microbatches at a time under vmap: memory set by ``size``, not by ``K``.
 
     Args:
         size: microbatches per chunk, >= 1.
         randomness: as for :func:`vmap`.
+        model_state: as for :func:`vmap`; applied chunk after chunk.
 
     Example:
         >>> import funcaccum as fa
@@ -322,7 +342,18 @@ def chunked(size: int, *, randomness: Randomness = "error") -> Chunked:
         >>> result.weight.item()
         10.0
     """
-    return Chunked(check_int("size", size, low=1), check_randomness(randomness))
+    return Chunked(
+        check_int("size", size, low=1), check_randomness(randomness), _check_combine(model_state)
+    )
+
+
+def _check_combine(model_state: Any) -> CombineStates | None:
+    if model_state is not None and not callable(model_state):
+        raise FuncaccumError(
+            "model_state must be combine(old, stacked) -> state, such as "
+            f"fa.running_stats(module), or None; got {type(model_state).__name__}"
+        )
+    return model_state
 
 
 def concat(outputs: list[Any]) -> Any:

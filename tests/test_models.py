@@ -46,7 +46,17 @@ def seeds_loop(k: int) -> nn.Module:
     return model
 
 
-def funcaccum_run(k: int, *, compile: bool = False) -> tuple[nn.Module, fa.TrainState]:
+# Side by side, each chunk's running statistics come from batch norm's closed form.
+STRATEGIES = {
+    "scan": lambda model: fa.scan(),
+    "vmap": lambda model: fa.vmap(model_state=fa.running_stats(model)),
+    "chunked2": lambda model: fa.chunked(2, model_state=fa.running_stats(model)),
+}
+
+
+def funcaccum_run(
+    k: int, *, compile: bool = False, strategy: str = "scan"
+) -> tuple[nn.Module, fa.TrainState]:
     model = bn_model()
     apply, params, state = fa.functional_model(model, has_state=True)
 
@@ -56,18 +66,20 @@ def funcaccum_run(k: int, *, compile: bool = False) -> tuple[nn.Module, fa.Train
         return functional.cross_entropy(logits, y), model_state
 
     step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(LR), num_microbatches=k,
-                         has_state=True, compile=compile)  # fmt: skip
+                         has_state=True, compile=compile,
+                         strategy=STRATEGIES[strategy](model))  # fmt: skip
     train_state = step.init(params, model_state=state)
     for batch in image_batches():
         train_state, _ = step(train_state, batch)
     return model, train_state
 
 
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
 @pytest.mark.parametrize("k", [1, 3])
-def test_batch_norm_trains_as_the_seeds_loop_does(k: int) -> None:
+def test_batch_norm_trains_as_the_seeds_loop_does(k: int, strategy: str) -> None:
     """Each microbatch normalised with its own statistics; running statistics in order."""
     reference = seeds_loop(k)
-    model, state = funcaccum_run(k)
+    model, state = funcaccum_run(k, strategy=strategy)
     assert_trees_allclose(state.params, dict(reference.named_parameters()), rtol=1e-10, atol=1e-12)
     want = dict(reference.named_buffers())
     assert_trees_allclose(state.model_state, want, rtol=1e-10, atol=1e-12)
@@ -81,9 +93,10 @@ def test_batch_norm_trains_as_the_seeds_loop_does(k: int) -> None:
 
 
 @pytest.mark.compile
-def test_batch_norm_compiled_matches_eager() -> None:
-    _, eager = funcaccum_run(3)
-    _, compiled = funcaccum_run(3, compile=True)
+@pytest.mark.parametrize("strategy", ["scan", "vmap"])
+def test_batch_norm_compiled_matches_eager(strategy: str) -> None:
+    _, eager = funcaccum_run(3, strategy=strategy)
+    _, compiled = funcaccum_run(3, compile=True, strategy=strategy)
     assert_trees_allclose(compiled.params, eager.params, rtol=1e-9, atol=1e-12)
     assert_trees_allclose(compiled.model_state, eager.model_state, rtol=1e-9, atol=1e-12)
 
@@ -115,8 +128,12 @@ def test_model_state_errors_name_the_fix() -> None:
         logits, model_state = apply(params, model_state, batch[0])
         return functional.cross_entropy(logits, batch[1]), model_state
 
-    with pytest.raises(fa.FuncaccumError, match=r"has_state=True.*needs strategy=scan\(\)"):
+    with pytest.raises(fa.FuncaccumError, match=r"has_state=True.*running_stats\(module\)"):
         fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), strategy="vmap", has_state=True)
+    odd = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    odd.register_buffer("scale", torch.ones(1))
+    with pytest.raises(fa.FuncaccumError, match=r"\['scale'\] are other buffers"):
+        fa.running_stats(odd)
     step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), has_state=True)
     with pytest.raises(fa.FuncaccumError, match=r"needs init\(params, model_state=\.\.\.\)"):
         step.init(params)
@@ -243,3 +260,33 @@ def test_the_shifted_label_count_is_the_token_weight() -> None:
         assert (error < 1e-12) == exact, (count, error)
         if not exact:
             assert error > 1e-4  # silently off, by far more than rounding
+
+
+def test_running_stats_closed_form_equals_the_sequential_update() -> None:
+    """Chunks of 2 of 5 microbatches (2, 2, 1), over three steps: the loop's statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.3)).double()
+    apply, params, buffers = fa.functional_model(model, has_state=True)
+
+    def loss_fn(params: dict, state: dict, batch: torch.Tensor) -> tuple:
+        out, state = apply(params, state, batch)
+        return out.pow(2).mean(), state
+
+    loop = fa.Accumulation(num_microbatches=5, has_state=True)
+    side = fa.Accumulation(
+        num_microbatches=5,
+        has_state=True,
+        strategy=fa.chunked(2, model_state=fa.running_stats(model)),
+    )
+    state = buffers
+    for seed in range(3):
+        batch = torch.randn(
+            17, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+        _, _, want = loop.folder(loss_fn).fold(params, batch, None, state)
+        _, _, got = side.folder(loss_fn).fold(params, batch, None, state)
+        assert_trees_allclose(got, want, rtol=1e-12, atol=1e-14)
+        state = want
+    assert int(state["1.num_batches_tracked"]) == 15
+    with pytest.raises(fa.FuncaccumError, match="momentum=None"):
+        fa.running_stats(nn.BatchNorm1d(4, momentum=None))
