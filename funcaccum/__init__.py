@@ -21,6 +21,7 @@ from ._adaptive import AdaptiveCarry, AdaptiveState, adaptive, noise_statistics
 from ._adaptive_batching import AdaptiveBatching
 from ._checkpoint import Checkpoint, load, save
 from ._clipped_mean import ClippedMeanState, clipped_mean
+from ._epoch import EpochSummary, run_epoch
 from ._errors import FuncaccumError
 from ._fold import Folder, FoldState, MicrobatchOutput
 from ._functional import functional_model, load_into
@@ -63,6 +64,7 @@ __all__ = [
     "AdaptiveCarry",
     "AdaptiveState",
     "Checkpoint",
+    "EpochSummary",
     "ClippedMeanState",
     "FoldState",
     "FuncaccumError",
@@ -87,6 +89,7 @@ __all__ = [
     "noise_statistics",
     "optim",
     "plan_microbatches",
+    "run_epoch",
     "running_stats",
     "save",
     "split_microbatches",

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
+from .._fold import compiled
 from .._tree import PyTree
 
 __all__ = ["Variant", "assert_max_compiles", "variants"]
@@ -23,7 +24,8 @@ class Variant(NamedTuple):
     Attributes:
         name: ``"eager"``, ``"compiled"``, ``"cuda"`` or ``"cuda-compiled"``.
         device: where the inputs go.
-        compiled: whether the function runs under ``torch.compile(fullgraph=True)``.
+        compiled: whether the function runs compiled as funcaccum compiles
+            (``torch.compile(fullgraph=True, dynamic=False)``).
     """
 
     name: str
@@ -31,7 +33,7 @@ class Variant(NamedTuple):
     compiled: bool
 
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        return torch.compile(fn, fullgraph=True) if self.compiled else fn
+        return compiled(fn, self.compiled)
 
     def to(self, tree: PyTree) -> PyTree:
         """Every tensor of ``tree`` moved to this variant's device."""

@@ -1,0 +1,115 @@
+"""One pass over a loader with a training step: the epoch's loss weighted right, and progress."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any, NamedTuple
+
+import torch
+
+from ._train import Metrics, TrainState, TrainStep
+from ._tree import PyTree
+
+__all__ = ["EpochSummary", "run_epoch"]
+
+
+class EpochSummary(NamedTuple):
+    """What :func:`run_epoch` reports for the whole pass (not its last step).
+
+    Attributes:
+        loss: ``sum_s w_s L_s / sum_s w_s`` over every applied step ``s``: the
+            epoch's weighted mean loss, a partial last batch weighted by its size.
+        weight: the examples (or tokens) of the applied steps.
+        steps: optimizer steps applied.
+        skipped: steps skipped as non-finite.
+        last: the last step's metrics.
+    """
+
+    loss: torch.Tensor
+    weight: torch.Tensor
+    steps: int
+    skipped: int
+    last: Metrics
+
+
+def run_epoch(
+    step: TrainStep,
+    state: TrainState,
+    batches: Iterable[PyTree],
+    *,
+    progress: bool = False,
+    description: str = "epoch",
+) -> tuple[TrainState, EpochSummary]:
+    """Run ``step`` on every batch of ``batches`` and report the epoch as a whole.
+
+    The epoch's loss is every applied step's loss weighted by its examples
+    (or tokens), summed on the device and read once at the end: not the last
+    batch's loss, and not a plain mean of per-step losses, which overweights
+    a partial last batch. Skipped (non-finite) steps count apart. With
+    ``progress=True`` a ``rich`` progress bar shows the running epoch loss,
+    which reads it from the device once per step.
+
+    Args:
+        step: the :class:`~funcaccum.TrainStep` (called, so
+            ``max_consecutive_skips`` stops the run).
+        state: the state to start from.
+        batches: any iterable of batches, such as a ``DataLoader``.
+        progress: show a progress bar (with the loader's length when it has one).
+        description: the progress bar's label.
+
+    Returns:
+        The new state and an :class:`EpochSummary`.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> def loss_fn(params, batch):
+        ...     x, y = batch                            # x: (m, 3), y: (m,)
+        ...     return torch.mean((x @ params["w"] - y) ** 2)
+        >>> step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.0), num_microbatches=2)
+        >>> state = step.init({"w": torch.zeros(3)})
+        >>> x, y = torch.ones(10, 3), torch.arange(10.0)
+        >>> loader = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]  # 4, 4 and 2 examples
+        >>> state, epoch = fa.run_epoch(step, state, loader)
+        >>> epoch.loss.item(), epoch.steps              # mean of y**2 over all 10 examples
+        (28.5, 3)
+    """
+    # Sums stay on the device (float64): no read per step unless the bar shows the loss.
+    totals = torch.zeros(3, dtype=torch.float64)  # loss * weight, weight, skipped
+    steps, metrics = 0, {}
+    with _bar(progress, description, batches) as advance:
+        for batch in batches:
+            state, metrics = step(state, batch)
+            skipped = metrics["skipped"]
+            weight = torch.where(skipped, 0, metrics["weight"].double())
+            loss = torch.where(skipped, 0, metrics["loss"].double())
+            totals = totals.to(weight.device) + torch.stack([loss * weight, weight, skipped])
+            steps += 1
+            if progress:
+                advance(float(totals[0] / totals[1]))
+    skipped_steps = int(totals[2])
+    summary = EpochSummary(
+        totals[0] / totals[1], totals[1], steps - skipped_steps, skipped_steps, metrics
+    )
+    return state, summary
+
+
+@contextlib.contextmanager
+def _bar(show: bool, description: str, batches: Iterable[Any]) -> Iterator[Any]:
+    """A ``rich`` progress bar with the running loss, or nothing; rich is imported only here."""
+    if not show:
+        yield lambda loss: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = len(batches) if isinstance(batches, Sized) else None
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+    ]
+    with Progress(*columns) as bar:
+        task = bar.add_task(description, total=total, loss="-")
+        yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")
