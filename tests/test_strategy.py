@@ -101,8 +101,10 @@ def test_bad_strategy_options_are_refused() -> None:
         fa.chunked(0)
     with pytest.raises(fa.FuncaccumError, match="randomness must be one of"):
         fa.vmap(randomness="random")
-    with pytest.raises(fa.FuncaccumError, match=r"needs strategy=scan\(\)"):
+    with pytest.raises(fa.FuncaccumError, match=r"running_stats\(module\).*or strategy=scan\(\)"):
         fa.Accumulation(strategy="vmap", has_state=True)
+    with pytest.raises(fa.FuncaccumError, match="model_state must be combine"):
+        fa.vmap(model_state="batch norm")
     with pytest.raises(fa.FuncaccumError, match="build"):
         fa.Accumulation(strategy=lambda: None)
 
