@@ -41,6 +41,19 @@ class Tracker(NamedTuple):
         init: ``init(params) -> carry``.
         update: ``update(carry, stats) -> (carry, stats)``, called once per
             optimizer step with the stats of :attr:`Reducer.finalize`.
+
+    Example:
+        A tracker that counts optimizer steps and reports the count:
+
+        >>> import funcaccum as fa
+        >>> def update(carry, stats):
+        ...     return carry + 1, {**stats, "steps": carry + 1}
+        >>> tracker = fa.Tracker(init=lambda params: torch.tensor(0), update=update)
+        >>> carry = tracker.init({"w": torch.zeros(2)})
+        >>> carry, stats = tracker.update(carry, {})
+        >>> carry, stats = tracker.update(carry, {})
+        >>> stats["steps"]
+        tensor(2)
     """
 
     init: Callable[[PyTree], Any]
@@ -73,6 +86,21 @@ class Reducer(NamedTuple):
             weights, weighted_sum) -> state`` where ``weighted_sum(c)`` returns
             ``sum_i c_i g_i``; strategies that never materialise per-unit
             gradients (:func:`funcaccum.ghost`) use it. None if unsupported.
+
+    Example:
+        The weighted *sum* rather than the mean: :func:`~funcaccum.mean` with
+        another ``finalize``:
+
+        >>> import funcaccum as fa
+        >>> mean = fa.mean()
+        >>> total = mean._replace(finalize=lambda state: (state.grad_sum, {}))
+        >>> def loss_fn(params, batch):                                  # batch: (m, 2)
+        ...     return (batch @ params["w"]).mean()
+        >>> params, batch = {"w": torch.zeros(2)}, torch.ones(6, 2)
+        >>> fa.accumulate(loss_fn, params, batch, reducer=total, num_microbatches=3).grads["w"]
+        tensor([6., 6.])
+        >>> fa.Reducer._fields
+        ('init', 'fold', 'merge', 'finalize', 'track', 'fold_by_norms')
     """
 
     init: Callable[[PyTree], Any]
@@ -84,7 +112,18 @@ class Reducer(NamedTuple):
 
 
 class Maximum(NamedTuple):
-    """A state field that merges by maximum rather than by sum."""
+    """A state field that merges by maximum rather than by sum.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.clipped_mean(max_norm=1.0)
+        >>> empty = reducer.init({"w": torch.zeros(2)})
+        >>> a = reducer.fold(empty, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+        >>> b = reducer.fold(empty, {"w": torch.tensor([0.3, 0.4])}, torch.tensor(1.0))
+        >>> merged = reducer.merge(a, b)
+        >>> merged.norm_max, merged.norm_sum          # the Maximum keeps the larger; sums add
+        (Maximum(value=tensor(5.)), tensor(5.5000))
+    """
 
     value: torch.Tensor
 

@@ -18,7 +18,13 @@ __all__ = ["ScaleByAdamState", "adam", "adamw", "scale_by_adam"]
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`."""
+    """State of :func:`scale_by_adam`.
+
+    Example:
+        >>> state = scale_by_adam().init({"w": torch.zeros(2)})
+        >>> state.count, state.mu["w"], sorted(state.hyperparams)
+        (tensor(0), tensor([0., 0.]), ['b1', 'b2', 'eps'])
+    """
 
     count: torch.Tensor  # updates taken, for the bias corrections
     mu: PyTree  # first moment, in at least float32

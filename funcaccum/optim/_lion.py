@@ -18,7 +18,13 @@ __all__ = ["ScaleByLionState", "lion", "scale_by_lion"]
 
 
 class ScaleByLionState(NamedTuple):
-    """State of :func:`scale_by_lion`."""
+    """State of :func:`scale_by_lion`.
+
+    Example:
+        >>> state = scale_by_lion().init({"w": torch.zeros(2)})
+        >>> state.mu["w"], sorted(state.hyperparams)
+        (tensor([0., 0.]), ['b1', 'b2'])
+    """
 
     mu: PyTree  # momentum, in at least float32
     hyperparams: dict[str, torch.Tensor]  # b1, b2
