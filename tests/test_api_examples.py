@@ -1,12 +1,11 @@
 """Every public name has a runnable example: a doctest in its own docstring, or docs code.
 
-A name counts as having an example when its own docstring holds a ``>>>``
-example (which ``--doctest-modules`` runs; for a class, the class docstring), or when a ```python block of
-README.md or docs/*.md (which tests/test_docs.py runs) uses it, as ``name``
-or ``module.name``. Classes count the same way: the class docstring's own
-example, or use in docs code. NamedTuple states and results (``MeanState``,
-``Accumulated``, ...) are usually met as values, so for them a use in
-another name's doctest counts too (``STATE_TYPES`` below, said explicitly).
+A name counts as having an example when its own docstring (for a class, the
+class docstring) holds a ``>>>`` example, which ``--doctest-modules`` runs; or
+when a ```python block of README.md or docs/*.md, which tests/test_docs.py
+runs, uses it, bare or as ``module.name`` (a method of the same name does not
+count). NamedTuple states and results are met as values, so for them a use in
+another public name's doctest counts too: said here explicitly.
 """
 
 from __future__ import annotations
