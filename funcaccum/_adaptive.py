@@ -204,6 +204,16 @@ def adaptive(
         (3.66, 35.52)
         >>> round(stats["noise_scale"].item(), 3), bool(stats["ready"])   # B = T / G2
         (0.103, True)
+
+    References:
+        McCandlish et al., `An Empirical Model of Large-Batch Training
+        <https://arxiv.org/abs/1812.06162>`_, 2018 (the noise scale)
+
+        Johnson et al., `AdaScale SGD: A User-Friendly Algorithm for Distributed Training
+        <https://arxiv.org/abs/2007.05105>`_, 2020 (the gain)
+
+        Byrd et al., `Sample size selection in optimization methods for machine learning
+        <https://doi.org/10.1007/s10107-012-0572-5>`_, 2012 (the norm test)
     """
     check_real("base_batch_size", base_batch_size, low=0, low_inclusive=False, allow_none=True)
     check_real("theta", theta, low=0, low_inclusive=False)

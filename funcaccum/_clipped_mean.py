@@ -112,6 +112,10 @@ def clipped_mean(
         tensor([0.4500, 0.6000])
         >>> stats["clip_fraction"].item(), stats["norm_max"].item()
         (0.5, 5.0)
+
+    References:
+        Abadi et al., `Deep Learning with Differential Privacy
+        <https://arxiv.org/abs/1607.00133>`_, 2016
     """
     check_real("max_norm", max_norm, low=0, low_inclusive=False)
     check_real("noise_multiplier", noise_multiplier, low=0)
