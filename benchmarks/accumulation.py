@@ -1,6 +1,6 @@
-"""funcaccum's training step against the seeds' hand-written accumulation loop.
+"""funcaccum's training step against the hand-written accumulation loop.
 
-Speed: ms per optimizer step, the seeds' eager loop (``loss / K;
+Speed: ms per optimizer step, the hand-written eager loop (``loss / K;
 loss.backward(); step every K``) and funcaccum (eager and compiled) timed in
 the same process, on an MLP and a small transformer, for several K.
 
@@ -219,7 +219,7 @@ def main() -> None:
                 ]
             )
         print_table(
-            f"ms per optimizer step ({args.device}): seeds' eager loop vs funcaccum",
+            f"ms per optimizer step ({args.device}): hand-written eager loop vs funcaccum",
             ["model", "K", "funcaccum", "loop ms", "funcaccum ms", "speedup", "first step s"],
             rows,
         )

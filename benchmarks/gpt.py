@@ -5,7 +5,7 @@ the warm start), each side building the same model, data and AdamW:
 
 - ``batch``: one batch of ``K * m`` sequences, ``torch.compile(model)``,
   fused ``torch.optim.AdamW`` (no accumulation: the speed to aim for);
-- ``loop`` / ``loop_compiled``: the seed articles' loop, ``loss / K``,
+- ``loop`` / ``loop_compiled``: the hand-written loop, ``loss / K``,
   ``backward()``, an optimizer step every ``K`` microbatches, eager or with
   ``torch.compile(model)``;
 - ``jax``: ``jax.jit`` of a ``lax.scan`` over the microbatches and

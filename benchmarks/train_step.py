@@ -1,8 +1,8 @@
-"""A whole training step with AdamW: funcaccum compiled, the seeds' eager loop, and JAX.
+"""A whole training step with AdamW: funcaccum compiled, the hand-written eager loop, and JAX.
 
 Each worker process times, for one model and K, in the same run:
 
-- the seeds' loop (``loss / K; loss.backward(); step every K``) with
+- the hand-written loop (``loss / K; loss.backward(); step every K``) with
   ``torch.optim.AdamW``, ``foreach=True`` and ``fused=True``;
 - ``funcaccum.train_step`` with ``funcaccum.optim.adamw``, compiled
   (``vmap`` and ``scan`` strategies; ``scan`` again under

@@ -35,7 +35,16 @@ _STATS = torch.float64
 
 
 class AdaptiveState(NamedTuple):
-    """State of :func:`adaptive` for one optimizer step: sums only, merged by addition."""
+    """State of :func:`adaptive` for one optimizer step: sums only, merged by addition.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.adaptive()
+        >>> state = reducer.init({"w": torch.zeros(2)})
+        >>> state = reducer.fold(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(4.0))
+        >>> isinstance(state, fa.AdaptiveState), state.weight_sum, state.unit_count
+        (True, tensor(4., dtype=torch.float64), tensor(1., dtype=torch.float64))
+    """
 
     grad_sum: PyTree  # sum_i n_i g_i, in float64 by default
     square_sum: PyTree  # per parameter leaf: sum_i n_i |g_i|^2, a 0-d float64 tensor
@@ -44,7 +53,14 @@ class AdaptiveState(NamedTuple):
 
 
 class AdaptiveCarry(NamedTuple):
-    """What :func:`adaptive` carries across optimizer steps."""
+    """What :func:`adaptive` carries across optimizer steps.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> carry = fa.adaptive().track.init({"w": torch.zeros(2)})  # also TrainState.reducer_carry
+        >>> isinstance(carry, fa.AdaptiveCarry), carry.progress
+        (True, tensor(0., dtype=torch.float64))
+    """
 
     trace_ema: torch.Tensor  # EMA of the raw tr(Sigma) estimates
     grad_sq_ema: torch.Tensor  # EMA of the raw |G|^2 estimates
@@ -61,6 +77,17 @@ def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
     averages ``n_i`` examples drawn independently, ``E[Q] = (k - 1) tr(Sigma)``
     and ``E|g_bar|^2 = |G|^2 + tr(Sigma) / n``, so both are unbiased for unequal
     ``n_i``. They need ``k >= 2`` (else NaN or Inf); ``G2`` can come out negative.
+
+    Example:
+        Two microbatches of 4 examples: ``n = 8``, ``g_bar = (2, 0)``, ``Q = 40 - 32``:
+
+        >>> import funcaccum as fa
+        >>> reducer = fa.adaptive()
+        >>> state = reducer.init({"w": torch.zeros(2)})
+        >>> for g in ([1.0, 0.0], [3.0, 0.0]):
+        ...     state = reducer.fold(state, {"w": torch.tensor(g)}, torch.tensor(4.0))
+        >>> fa.noise_statistics(state)                  # T = 8 / 1, G2 = 4 - 8 / 8
+        (tensor(8., dtype=torch.float64), tensor(3., dtype=torch.float64))
     """
     n, k = state.weight_sum, state.unit_count
     mean_sq = tree_vdot(state.grad_sum, state.grad_sum).to(_STATS) / n**2
@@ -187,6 +214,16 @@ def adaptive(
         (3.66, 35.52)
         >>> round(stats["noise_scale"].item(), 3), bool(stats["ready"])   # B = T / G2
         (0.103, True)
+
+    References:
+        McCandlish et al., `An Empirical Model of Large-Batch Training
+        <https://arxiv.org/abs/1812.06162>`_, 2018 (the noise scale)
+
+        Johnson et al., `AdaScale SGD: A User-Friendly Algorithm for Distributed Training
+        <https://arxiv.org/abs/2007.05105>`_, 2020 (the gain)
+
+        Byrd et al., `Sample size selection in optimization methods for machine learning
+        <https://doi.org/10.1007/s10107-012-0572-5>`_, 2012 (the norm test)
     """
     check_real("base_batch_size", base_batch_size, low=0, low_inclusive=False, allow_none=True)
     check_real("theta", theta, low=0, low_inclusive=False)

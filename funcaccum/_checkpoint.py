@@ -45,6 +45,15 @@ class Checkpoint(NamedTuple):
             the optimizer steps attempted, so the batches a one-batch-per-step
             loop has drawn: the data resumes after that many. None for a tree
             without ``step`` and ``skipped`` fields.
+
+    Example:
+        >>> import tempfile
+        >>> import funcaccum as fa
+        >>> with tempfile.TemporaryDirectory() as directory:
+        ...     fa.save(f"{directory}/ckpt.pt", {"w": torch.ones(2)}, metadata={"epoch": 3})
+        ...     checkpoint = fa.load(f"{directory}/ckpt.pt", restore_rng=False)
+        >>> isinstance(checkpoint, fa.Checkpoint), checkpoint.metadata, checkpoint.batches_consumed
+        (True, {'epoch': 3}, None)
     """
 
     state: PyTree

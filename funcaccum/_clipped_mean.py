@@ -27,7 +27,16 @@ __all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
 
 
 class ClippedMeanState(NamedTuple):
-    """State of :func:`clipped_mean`: sums, and one running maximum."""
+    """State of :func:`clipped_mean`: sums, and one running maximum.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.clipped_mean(max_norm=1.0)
+        >>> state = reducer.init({"w": torch.zeros(2)})
+        >>> state = reducer.fold(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+        >>> isinstance(state, fa.ClippedMeanState), state.clipped_sum["w"], state.norm_max
+        (True, tensor([0.6000, 0.8000]), Maximum(value=tensor(5.)))
+    """
 
     clipped_sum: PyTree  # sum_i w_i c_i g_i, c_i = min(1, max_norm / |g_i|)
     weight_sum: torch.Tensor  # sum_i w_i
@@ -103,6 +112,10 @@ def clipped_mean(
         tensor([0.4500, 0.6000])
         >>> stats["clip_fraction"].item(), stats["norm_max"].item()
         (0.5, 5.0)
+
+    References:
+        Abadi et al., `Deep Learning with Differential Privacy
+        <https://arxiv.org/abs/1607.00133>`_, 2016
     """
     check_real("max_norm", max_norm, low=0, low_inclusive=False)
     check_real("noise_multiplier", noise_multiplier, low=0)

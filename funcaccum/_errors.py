@@ -8,4 +8,12 @@ class FuncaccumError(ValueError):
 
     The message names what was wrong (the pytree path, the shapes) and what was
     expected. It subclasses :class:`ValueError`, so ``except ValueError`` catches it.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> try:
+        ...     fa.plan_microbatches(10, num_microbatches=0)
+        ... except fa.FuncaccumError as error:
+        ...     print(isinstance(error, ValueError), "num_microbatches" in str(error))
+        True True
     """

@@ -22,7 +22,16 @@ __all__ = ["MeanState", "mean"]
 
 
 class MeanState(NamedTuple):
-    """State of :func:`mean`: sums only."""
+    """State of :func:`mean`: sums only.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.mean()
+        >>> state = reducer.init({"w": torch.zeros(2)})
+        >>> state = reducer.fold(state, {"w": torch.tensor([1.0, 2.0])}, torch.tensor(4.0))
+        >>> isinstance(state, fa.MeanState), state.grad_sum["w"], state.weight_sum
+        (True, tensor([4., 8.]), tensor(4.))
+    """
 
     grad_sum: PyTree  # sum_i w_i g_i, in the accumulation dtype
     weight_sum: torch.Tensor  # sum_i w_i

@@ -29,6 +29,12 @@ class MicrobatchGroup(NamedTuple):
         batch: the batch pytree with every leaf shaped ``(count, size, ...)``.
         count: the number of microbatches in the group.
         size: the number of examples in each.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> groups = fa.split_microbatches({"x": torch.zeros(10, 3)}, num_microbatches=4)
+        >>> [(g.count, g.size, tuple(g.batch["x"].shape)) for g in groups]  # 3 + 3 + 2 + 2
+        [(2, 3, (2, 3, 3)), (2, 2, (2, 2, 3))]
     """
 
     batch: PyTree

@@ -59,6 +59,19 @@ class CarryRule(NamedTuple):
         update: ``update(carry, stats) -> (carry, stats, control)``, called
             once per optimizer step with the stats of :attr:`Reducer.finalize`;
             returns the new carry, the stats to report and a :class:`Control`.
+
+    Example:
+        A carry that counts optimizer steps and reports the count:
+
+        >>> import funcaccum as fa
+        >>> def update(carry, stats):
+        ...     return carry + 1, {**stats, "steps": carry + 1}, fa.Control()
+        >>> rule = fa.CarryRule(init=lambda params: torch.tensor(0), update=update)
+        >>> carry = rule.init({"w": torch.zeros(2)})
+        >>> carry, stats, control = rule.update(carry, {})
+        >>> carry, stats, control = rule.update(carry, {})
+        >>> stats["steps"], control.step_scale        # reported; the step is unchanged
+        (tensor(2), None)
     """
 
     init: Callable[[PyTree], Any]
@@ -113,6 +126,21 @@ class Reducer(NamedTuple):
             it. None if unsupported.
         batch_control: what :class:`~funcaccum.AdaptiveBatching` reads to
             choose K (:class:`BatchControl`), or None.
+
+    Example:
+        The weighted *sum* rather than the mean: :func:`~funcaccum.mean` with
+        another ``finalize``:
+
+        >>> import funcaccum as fa
+        >>> mean = fa.mean()
+        >>> total = mean._replace(finalize=lambda state: (state.grad_sum, {}))
+        >>> def loss_fn(params, batch):                                  # batch: (m, 2)
+        ...     return (batch @ params["w"]).mean()
+        >>> params, batch = {"w": torch.zeros(2)}, torch.ones(6, 2)
+        >>> fa.accumulate(loss_fn, params, batch, reducer=total, num_microbatches=3).grads["w"]
+        tensor([6., 6.])
+        >>> fa.Reducer._fields
+        ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control')
     """
 
     init: Callable[[PyTree], Any]
@@ -125,7 +153,18 @@ class Reducer(NamedTuple):
 
 
 class Maximum(NamedTuple):
-    """A state field that merges by maximum rather than by sum."""
+    """A state field that merges by maximum rather than by sum.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.clipped_mean(max_norm=1.0)
+        >>> empty = reducer.init({"w": torch.zeros(2)})
+        >>> a = reducer.fold(empty, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+        >>> b = reducer.fold(empty, {"w": torch.tensor([0.3, 0.4])}, torch.tensor(1.0))
+        >>> merged = reducer.merge(a, b)
+        >>> merged.norm_max, merged.norm_sum          # the Maximum keeps the larger; sums add
+        (Maximum(value=tensor(5.)), tensor(5.5000))
+    """
 
     value: torch.Tensor
 

@@ -1,15 +1,16 @@
 """Batch 128 emulated as 4 microbatches of 32, against three hand-written accumulation loops.
 
-Seed 001 emulates a batch of 128 with 4 microbatches of 32; seed 003 shows the
-loop written three wrong ways. This recipe trains the same model from the same
-start, on the same batches, five ways, and compares each with true batch-128
-training:
+The article "How can I efficiently accumulate gradients for training with larger
+batches in PyTorch?" emulates a batch of 128 with 4 microbatches of 32; "What
+PyTorch code changes are needed?" shows the loop written three wrong ways. This
+recipe trains the same model from the same start, on the same batches, five
+ways, and compares each with true batch-128 training:
 
 - ``batch 128``: one backward over all 128 examples per step (the reference);
 - ``funcaccum 4 x 32``: ``funcaccum.train_step`` with ``num_microbatches=4``;
 - ``no normalisation``: ``loss.backward()`` per microbatch without ``/ 4``;
 - ``zero_grad every microbatch``: ``optimizer.zero_grad()`` right after each
-  ``backward()``, as seed 003 writes it;
+  ``backward()``, as that second article writes it;
 - ``no zero_grad after step``: the gradients are never cleared.
 
 For each it reports the largest relative error of the applied gradient over
@@ -35,7 +36,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def make_data(n: int, generator: torch.Generator) -> Batch:
-    """Seed 001's shapes (10 features, 2 targets), with a learnable target."""
+    """The first article's shapes (10 features, 2 targets), with a learnable target."""
     x = torch.rand(n, 10, generator=generator)
     teacher = torch.randn(10, 2, generator=generator)
     return x, torch.sin(x @ teacher) + 0.05 * torch.randn(n, 2, generator=generator)
@@ -49,7 +50,7 @@ def flat(params: dict[str, torch.Tensor] | list[torch.Tensor]) -> torch.Tensor:
 def hand_written_step(
     mistake: str, k: int
 ) -> Callable[[nn.Module, torch.optim.Optimizer, Batch], torch.Tensor]:
-    """One optimizer step of seed 003's loop, with one of its mistakes (or none).
+    """One optimizer step of the article's hand-written loop, with one of its mistakes (or none).
 
     Returns the gradient the step applied (what ``.grad`` held at ``step()``).
     """
@@ -62,7 +63,7 @@ def hand_written_step(
                 loss = loss / k
             loss.backward()
             if mistake == "zero_grad every microbatch":
-                opt.zero_grad()  # seed 003, example 3: right after backward
+                opt.zero_grad()  # as the article's example 3: right after backward
         applied = flat(
             [torch.zeros_like(q) if q.grad is None else q.grad for q in model.parameters()]
         )
@@ -105,7 +106,7 @@ def main() -> None:
         nn.functional.mse_loss(probe(batch[0]), batch[1]).backward()
         return flat([q.grad for q in probe.parameters()])
 
-    # The reference and the three mistakes: the seeds' loops, on torch.optim.SGD.
+    # The reference and the three mistakes: the hand-written loops, on torch.optim.SGD.
     names = [
         "batch 128",
         "no normalisation",

@@ -1,11 +1,12 @@
 """Batch, stochastic, mini-batch and accumulated gradient descent on one regression problem.
 
-Seeds 000 and 002 train a linear regression four ways and print, after each
-epoch, the loss of the epoch's *last* batch. This recipe trains the same model
-with ``funcaccum.train_step`` in each mode and reports, per epoch, the exact
-mean loss over every example the epoch saw (each step's loss weighted by its
-examples), next to the last batch's loss the seeds print, and the loss of the
-final params on the whole dataset.
+The articles "How does mini-batching affect PyTorch loss accumulation?" and "Why
+does PyTorch use mini-batches for training?" train a linear regression four ways
+and print, after each epoch, the loss of the epoch's *last* batch. This recipe
+trains the same model with ``funcaccum.train_step`` in each mode and reports,
+per epoch, the exact mean loss over every example the epoch saw (each step's
+loss weighted by its examples), next to the last batch's loss the articles
+print, and the loss of the final params on the whole dataset.
 
 - ``batch``: one step per epoch on all examples;
 - ``stochastic``: one example per step;
@@ -29,7 +30,7 @@ import funcaccum as fa
 
 
 def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seed 000's problem: y = 2x + 1 + noise."""
+    """The first article's problem: y = 2x + 1 + noise."""
     x = torch.randn(n, 1, generator=generator)
     return x, 2 * x + 1 + 0.1 * torch.randn(n, 1, generator=generator)
 
@@ -119,7 +120,8 @@ def main() -> None:
         notes=[
             f"{n} examples, {args.epochs} epochs, SGD lr {args.lr}, {device}.",
             "last epoch mean loss: every step's loss weighted by its examples, over the epoch; "
-            "last batch loss: what the seeds print as the epoch's loss, one (maybe partial) batch.",
+            "last batch loss: what the articles print as the epoch's loss, one (maybe partial) "
+            "batch.",
         ],
     )
 

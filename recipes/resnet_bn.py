@@ -1,8 +1,8 @@
-"""A small ResNet with batch norm, trained with accumulation, against the seeds' loop.
+"""A small ResNet with batch norm, trained with accumulation, against the hand-written loop.
 
 Batch norm in training mode is what stops most accumulation libraries: each
 microbatch is normalised with its own statistics, and the running statistics
-are updated once per microbatch, in order. The seeds' loop (``loss / K``,
+are updated once per microbatch, in order. The hand-written loop (``loss / K``,
 ``backward()`` per microbatch, one AdamW step every K) does exactly that, and
 so does ``funcaccum.train_step(..., has_state=True)`` with
 ``functional_model(model, has_state=True)``. This recipe trains both from the
@@ -86,7 +86,7 @@ def main() -> None:
     if args.smoke:
         args.steps = 6
     device = _common.pick_device(args.device)
-    recipe = _common.Recipe("A batch-norm ResNet: funcaccum against the seeds' loop", args)
+    recipe = _common.Recipe("A batch-norm ResNet: funcaccum against the hand-written loop", args)
     k, m = args.microbatches, args.microbatch_size
     generator = torch.Generator().manual_seed(args.seed)
     # float64, so that the two runs can be compared to rounding after many AdamW steps
@@ -100,7 +100,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     initial = resnet().to(device, dtype)
 
-    # The seeds' loop: each microbatch normalised with its own statistics, loss / K.
+    # The hand-written loop: each microbatch normalised with its own statistics, loss / K.
     loop = copy.deepcopy(initial)
     optimizer = torch.optim.AdamW(loop.parameters(), lr=args.lr)
 
@@ -147,7 +147,7 @@ def main() -> None:
         return loss, (logits.argmax(-1) == test_y).float().mean().item()
 
     rows = [
-        ["seeds' loop", *evaluate(loop), 0.0, 0.0],
+        ["hand-written loop", *evaluate(loop), 0.0, 0.0],
         [f"funcaccum {k} x {m}", *evaluate(model), param_gap, stat_gap],
     ]
     recipe.summary(
@@ -162,7 +162,7 @@ def main() -> None:
         notes=[
             f"{args.steps} AdamW steps, lr {args.lr}, batches of {k * m} = {k} x {m}, "
             f"float64, {device}; eval in eval mode on 512 held-out images.",
-            "deviation: the largest difference from the seeds' loop's parameters and running "
+            "deviation: the largest difference from the hand-written loop's parameters and running "
             "statistics (num_batches_tracked included) at the end.",
         ],
     )

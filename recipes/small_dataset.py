@@ -1,6 +1,7 @@
 """A small dataset, done right: every example, a defined clip, noise-led batches, averaged weights.
 
-Seed 004 accumulates gradients on a small dataset: its loop drops the last
+The article "How to effectively utilize the final gradient in PyTorch gradient
+accumulation for small datasets?" accumulates gradients on a small dataset: its loop drops the last
 partial accumulation group of every epoch, clips the running sum in ``.grad``
 after each backward (neither per microbatch nor once per step), tunes the
 accumulation count by hand from the training loss, and keeps the weights of
@@ -158,7 +159,7 @@ def main() -> None:
                 best = {"loss": valid_loss, "params": state.params, "epoch": epoch}
             advance(loss=metrics["loss"])
 
-    # Seed 004's loop: loader batches of the microbatch size, a step every K of them,
+    # The article's loop: loader batches of the microbatch size, a step every K of them,
     # the accumulator reset each epoch, so a last partial group is never applied.
     k = args.batch_size // args.microbatch_size
     loader_batches = -(-n // args.microbatch_size)
@@ -180,7 +181,7 @@ def main() -> None:
             f"{device}.",
             f"examples per epoch: funcaccum used {used_per_epoch[-1]:.0f} of {n} "
             f"({int(state.step) / args.epochs:.1f} steps per epoch, the last partial, weighted "
-            f"exactly); seed 004's loop would apply {seed_used}.",
+            f"exactly); the article's loop would apply {seed_used}.",
             f"optimizer steps taken: {int(state.step)}; "
             f"skipped as non-finite: {int(state.skipped)}.",
         ],

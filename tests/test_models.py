@@ -35,7 +35,7 @@ def image_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def seeds_loop(k: int) -> nn.Module:
-    """The seeds' loop: loss / K, backward per microbatch, one AdamW step every K."""
+    """The hand-written loop: loss / K, backward per microbatch, one AdamW step every K."""
     model = bn_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     for x, y in image_batches():

@@ -37,7 +37,7 @@ def torch_run(
     make_optimizer: Callable[..., torch.optim.Optimizer],
     make_scheduler: Callable[[torch.optim.Optimizer], object] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
-    """The seeds' loop, done right: zero_grad, backward, step, scheduler step, once per batch."""
+    """A hand-written loop, done right: zero_grad, backward, step, scheduler step, per batch."""
     model, batches = make_model(dtype), make_batches(dtype)
     opt = make_optimizer(model.parameters())
     scheduler = make_scheduler(opt) if make_scheduler else None

@@ -70,7 +70,7 @@ def test_minibatch_modes_report_the_epoch_mean_not_the_last_batch(tmp_path: Path
     assert rows["mini-batch"]["steps"] == 2 * 5  # 150 = 4 * 32 + 22: a partial last batch
     assert rows["accumulated"]["steps"] == 2 * 2  # 150 = 128 + 22
     last_epoch = [m for m in result["metrics"] if m["mode"] == "mini-batch"][-1]
-    # The seeds print the last (partial, 22-example) batch's loss; it is not the epoch's mean.
+    # The articles print the last (partial, 22-example) batch's loss; it is not the epoch's mean.
     assert last_epoch["epoch_mean_loss"] != pytest.approx(last_epoch["last_batch_loss"], rel=1e-3)
     assert rows["stochastic"]["final full loss"] < rows["batch"]["final full loss"]
 
@@ -129,5 +129,5 @@ def test_resnet_bn_trains_as_the_seeds_loop(tmp_path: Path) -> None:
     ours = rows["funcaccum 4 x 16"]
     assert ours["max param deviation"] < 1e-10
     assert ours["max running-stat deviation"] < 1e-10
-    assert ours["eval accuracy"] == pytest.approx(rows["seeds' loop"]["eval accuracy"])
+    assert ours["eval accuracy"] == pytest.approx(rows["hand-written loop"]["eval accuracy"])
     assert len(result["metrics"]) == 6

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 import zlib
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -242,6 +246,60 @@ def test_assert_max_compiles_catches_a_recompile() -> None:
 def test_the_plugin_is_registered(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.hasplugin("funcaccum")
     assert any(line.startswith("compile:") for line in pytestconfig.getini("markers"))
+
+
+def test_loading_the_plugin_imports_no_torch() -> None:
+    """The pytest11 entry point loads in every pytest session; it must not import torch."""
+    code = textwrap.dedent(
+        """
+        import sys
+        from importlib.metadata import entry_points
+
+        (plugin,) = [e for e in entry_points(group="pytest11") if e.name == "funcaccum"]
+        plugin.load()
+        assert "torch" not in sys.modules, "loading the plugin imported torch"
+        assert "funcaccum" not in sys.modules, "loading the plugin imported funcaccum"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_plugin_in_a_fresh_session_is_lazy_and_its_fixtures_work(tmp_path: Path) -> None:
+    """A session whose tests use no fixture of the plugin never imports torch."""
+    (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")
+    (tmp_path / "test_plain.py").write_text(
+        "import sys\n\n\ndef test_no_torch():\n    assert 'torch' not in sys.modules\n"
+    )
+    (tmp_path / "test_fixtures.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+
+            def test_rng(fa_rng):
+                assert isinstance(fa_rng, torch.Generator)
+
+
+            def test_variant(fa_variant):
+                assert fa_variant(torch.sin)(torch.zeros(2)).tolist() == [0.0, 0.0]
+            """
+        )
+    )
+
+    def pytest_run(*args: str) -> str:
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args]
+        done = subprocess.run(
+            command, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    assert "1 passed" in pytest_run("test_plain.py")
+    # The compiled variants are deselected by the plugin's marker: eager (and cuda) only.
+    assert "compile: a test that runs torch.compile" in pytest_run("--markers")
+    out = pytest_run("test_fixtures.py", "-m", "not compile")
+    assert "deselected" in out
+    assert "passed" in out
 
 
 def test_fa_rng_is_seeded_from_the_test_name(

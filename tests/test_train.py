@@ -33,7 +33,7 @@ def test_metrics_report_the_whole_batch_not_the_last_microbatch() -> None:
 
 
 def test_each_step_sees_only_its_own_gradient() -> None:
-    """The seeds' missing zero_grad: here nothing carries over from one step to the next."""
+    """The missing zero_grad: here nothing carries over from one step to the next."""
     params, batch = mlp_params(), classification_batch(19)
     step = fa.train_step(mlp_loss, optimizer=optim.sgd(0.5), num_microbatches=4)
     state = step.init(params)
@@ -111,7 +111,7 @@ def test_a_non_finite_update_is_skipped_like_a_non_finite_gradient(compile: bool
 
 
 def test_the_schedule_moves_once_per_optimizer_step_whatever_the_microbatch_count() -> None:
-    """The seeds' pitfall: a scheduler stepped per microbatch decays K times too fast."""
+    """The hand-written pitfall: a scheduler stepped per microbatch decays K times too fast."""
     params, batch = mlp_params(), classification_batch(32)
     schedule = optim.exponential_decay(0.1, 1, 0.5)
     rates = {}

@@ -18,7 +18,13 @@ __all__ = ["ScaleByAdamState", "adam", "adamw", "scale_by_adam"]
 
 
 class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam`."""
+    """State of :func:`scale_by_adam`.
+
+    Example:
+        >>> state = scale_by_adam().init({"w": torch.zeros(2)})
+        >>> state.count, state.mu["w"], sorted(state.hyperparams)
+        (tensor(0), tensor([0., 0.]), ['b1', 'b2', 'eps'])
+    """
 
     count: torch.Tensor  # updates taken, for the bias corrections
     mu: PyTree  # first moment, in at least float32
@@ -39,6 +45,10 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     >>> updates, _ = rule.update({"w": torch.tensor([0.1, -3.0])}, rule.init(params))
     >>> updates["w"]                                # the first step is sign(g), near enough
     tensor([ 1.0000, -1.0000])
+
+    References:
+        Kingma and Ba, `Adam: A Method for Stochastic Optimization
+        <https://arxiv.org/abs/1412.6980>`_, 2014
     """
     check_hyperparam("b1", b1)
     check_hyperparam("b2", b2)
@@ -96,6 +106,10 @@ def adam(
         >>> params = {"w": torch.zeros(3)}
         >>> state = rule.init(params)
         >>> updates, state = rule.update({"w": torch.randn(3)}, state, params)
+
+    References:
+        Kingma and Ba, `Adam: A Method for Stochastic Optimization
+        <https://arxiv.org/abs/1412.6980>`_, 2014
     """
     check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     check_hyperparam("weight_decay", weight_decay)
@@ -127,6 +141,13 @@ def adamw(
         >>> state = rule.init({"w": torch.zeros(3)})
         >>> rule = optim.adamw(1e-3, weight_decay=0.1, mask=optim.decay_mask)
         >>> state = rule.init({"weight": torch.zeros(3, 2), "bias": torch.zeros(3)})
+
+    References:
+        Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+        <https://arxiv.org/abs/1711.05101>`_, 2019
+
+        Kingma and Ba, `Adam: A Method for Stochastic Optimization
+        <https://arxiv.org/abs/1412.6980>`_, 2014
     """
     check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     return chain(

@@ -59,6 +59,19 @@ class GradientTransformation(NamedTuple):
             step count (``train_step(schedule_clock="progress")`` passes the
             reducer's :attr:`~funcaccum.Control.progress`); a rule without a
             schedule ignores it, and a rule built from others passes it on.
+
+    Example:
+        A rule that flips the gradient's sign (the learning rate comes later in a chain):
+
+        >>> from funcaccum import optim
+        >>> def update(updates, state, params=None, schedule_step=None):
+        ...     return {k: -u for k, u in updates.items()}, state
+        >>> negate = optim.GradientTransformation(init=lambda params: (), update=update)
+        >>> rule = optim.chain(negate, optim.scale_by_learning_rate(0.5))
+        >>> params = {"w": torch.ones(2)}                              # (d,)
+        >>> updates, state = rule.update({"w": torch.tensor([1.0, -2.0])}, rule.init(params))
+        >>> updates["w"]
+        tensor([ 0.5000, -1.0000])
     """
 
     init: _Init

@@ -14,7 +14,12 @@ __all__ = ["ClipByGlobalNormState", "clip_by_global_norm"]
 
 
 class ClipByGlobalNormState(NamedTuple):
-    """State of :func:`clip_by_global_norm`."""
+    """State of :func:`clip_by_global_norm`.
+
+    Example:
+        >>> clip_by_global_norm(1.0).init({"w": torch.zeros(2)}).hyperparams["max_norm"]
+        tensor(1., dtype=torch.float64)
+    """
 
     hyperparams: dict[str, torch.Tensor]  # max_norm
 

@@ -23,7 +23,13 @@ def _count(params: PyTree) -> torch.Tensor:
 
 
 class ScaleByLearningRateState(NamedTuple):
-    """State of :func:`scale_by_learning_rate`."""
+    """State of :func:`scale_by_learning_rate`.
+
+    Example:
+        >>> state = scale_by_learning_rate(0.1).init({"w": torch.zeros(2)})
+        >>> state.count, state.hyperparams["learning_rate"].item()
+        (tensor(0), 0.1)
+    """
 
     count: torch.Tensor  # optimizer steps taken
     hyperparams: dict[str, torch.Tensor]  # learning_rate: the one the latest update used
@@ -73,7 +79,13 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
 
 
 class ScaleByScheduleState(NamedTuple):
-    """State of :func:`scale_by_schedule`."""
+    """State of :func:`scale_by_schedule`.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> scale_by_schedule(optim.constant_schedule(0.5)).init({"w": torch.zeros(2)}).count
+        tensor(0)
+    """
 
     count: torch.Tensor
 

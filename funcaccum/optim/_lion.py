@@ -18,7 +18,13 @@ __all__ = ["ScaleByLionState", "lion", "scale_by_lion"]
 
 
 class ScaleByLionState(NamedTuple):
-    """State of :func:`scale_by_lion`."""
+    """State of :func:`scale_by_lion`.
+
+    Example:
+        >>> state = scale_by_lion().init({"w": torch.zeros(2)})
+        >>> state.mu["w"], sorted(state.hyperparams)
+        (tensor([0., 0.]), ['b1', 'b2'])
+    """
 
     mu: PyTree  # momentum, in at least float32
     hyperparams: dict[str, torch.Tensor]  # b1, b2
@@ -35,6 +41,10 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
     >>> params = {"w": torch.zeros(3)}
     >>> rule.update({"w": torch.tensor([0.5, -2.0, 0.0])}, rule.init(params))[0]
     {'w': tensor([ 1., -1.,  0.])}
+
+    References:
+        Chen et al., `Symbolic Discovery of Optimization Algorithms
+        <https://arxiv.org/abs/2302.06675>`_, 2023
     """
     check_hyperparam("b1", b1)
     check_hyperparam("b2", b2)
@@ -75,6 +85,10 @@ def lion(
         >>> from funcaccum import optim
         >>> rule = optim.lion(1e-4, weight_decay=0.1)
         >>> state = rule.init({"w": torch.zeros(3)})
+
+    References:
+        Chen et al., `Symbolic Discovery of Optimization Algorithms
+        <https://arxiv.org/abs/2302.06675>`_, 2023
     """
     check_hyperparam("learning_rate", learning_rate, allow_schedule=True)
     check_hyperparam("weight_decay", weight_decay)

@@ -27,7 +27,15 @@ Mask = PyTree | Callable[[PyTree], PyTree]
 
 
 class MaskedState(NamedTuple):
-    """State of :func:`masked`."""
+    """State of :func:`masked`.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.masked(optim.trace(0.9), {"w": True, "b": False})
+        >>> state = rule.init({"w": torch.zeros(2), "b": torch.zeros(2)})
+        >>> state.inner_state.trace                      # b is masked out: no buffer for it
+        {'w': tensor([0., 0.]), 'b': None}
+    """
 
     inner_state: Any  # the inner rule's state, over the masked-in leaves (None elsewhere)
 

@@ -20,7 +20,17 @@ Labels = PyTree | Callable[[PyTree], PyTree]
 
 
 class MultiTransformState(NamedTuple):
-    """State of :func:`multi_transform`."""
+    """State of :func:`multi_transform`.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> rule = optim.multi_transform(
+        ...     {"fast": optim.sgd(0.1), "slow": optim.sgd(0.01)}, {"a": "fast", "b": "slow"}
+        ... )
+        >>> state = rule.init({"a": torch.zeros(2), "b": torch.zeros(2)})
+        >>> sorted(state.inner_states)
+        ['fast', 'slow']
+    """
 
     inner_states: dict[str, Any]  # by label: that group's rule's state, over its leaves only
 

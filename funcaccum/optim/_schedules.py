@@ -76,6 +76,10 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
     >>> round(cosine_decay_schedule(1.0, 10)(torch.tensor(5)).item(), 6)
     0.5
+
+    References:
+        Loshchilov and Hutter, `SGDR: Stochastic Gradient Descent with Warm Restarts
+        <https://arxiv.org/abs/1608.03983>`_, 2017
     """
     check_real("init_value", init_value)
     check_int("decay_steps", decay_steps, low=1)
@@ -136,6 +140,13 @@ def warmup_cosine_decay_schedule(
     >>> schedule = warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2, decay_steps=6)
     >>> [round(schedule(torch.tensor(t)).item(), 3) for t in range(7)]
     [0.0, 0.5, 1.0, 0.854, 0.5, 0.146, 0.0]
+
+    References:
+        Goyal et al., `Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour
+        <https://arxiv.org/abs/1706.02677>`_, 2017 (linear warmup)
+
+        Loshchilov and Hutter, `SGDR: Stochastic Gradient Descent with Warm Restarts
+        <https://arxiv.org/abs/1608.03983>`_, 2017
     """
     check_real("init_value", init_value)
     check_real("peak_value", peak_value)

@@ -19,7 +19,13 @@ __all__ = ["TraceState", "sgd", "trace"]
 
 
 class TraceState(NamedTuple):
-    """State of :func:`trace`."""
+    """State of :func:`trace`.
+
+    Example:
+        >>> state = trace(0.9).init({"w": torch.zeros(2)})
+        >>> state.trace["w"], state.hyperparams["momentum"].item()
+        (tensor([0., 0.]), 0.9)
+    """
 
     trace: PyTree  # the momentum buffer, in at least float32
     hyperparams: dict[str, torch.Tensor]  # momentum

@@ -15,7 +15,12 @@ __all__ = ["AddDecayedWeightsState", "add_decayed_weights"]
 
 
 class AddDecayedWeightsState(NamedTuple):
-    """State of :func:`add_decayed_weights`."""
+    """State of :func:`add_decayed_weights`.
+
+    Example:
+        >>> add_decayed_weights(0.1).init({"w": torch.zeros(2)}).hyperparams["weight_decay"].item()
+        0.1
+    """
 
     hyperparams: dict[str, torch.Tensor]  # weight_decay
 

@@ -8,7 +8,8 @@
   gradient, or the message says why not;
 - :func:`variants` and :func:`assert_max_compiles`: run a test eagerly,
   compiled and on CUDA, and catch recompiles;
-- a pytest plugin (:mod:`funcaccum.testing.plugin`) with the fixtures
+- a pytest plugin (the top-level module ``funcaccum_pytest``, registered on
+  install, which loads no torch until a test uses it) with the fixtures
   ``fa_variant`` and ``fa_rng`` and the marker ``compile``.
 """
 
