@@ -41,7 +41,7 @@ class AdaptiveState(NamedTuple):
         >>> import funcaccum as fa
         >>> reducer = fa.adaptive()
         >>> state = reducer.init({"w": torch.zeros(2)})
-        >>> state = reducer.fold(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(4.0))
+        >>> state = reducer.update(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(4.0))
         >>> isinstance(state, fa.AdaptiveState), state.weight_sum, state.unit_count
         (True, tensor(4., dtype=torch.float64), tensor(1., dtype=torch.float64))
     """
@@ -57,9 +57,9 @@ class AdaptiveCarry(NamedTuple):
 
     Example:
         >>> import funcaccum as fa
-        >>> carry = fa.adaptive().track.init({"w": torch.zeros(2)})  # also TrainState.reducer_carry
-        >>> isinstance(carry, fa.AdaptiveCarry), carry.progress
-        (True, tensor(0., dtype=torch.float64))
+        >>> carry = fa.adaptive().carry.init({"w": torch.zeros(2)})  # also TrainState.reducer_carry
+        >>> isinstance(carry, fa.AdaptiveCarry), carry.progress, carry.suggested_k
+        (True, tensor(0., dtype=torch.float64), tensor(2., dtype=torch.float64))
     """
 
     trace_ema: torch.Tensor  # EMA of the raw tr(Sigma) estimates
@@ -85,7 +85,7 @@ def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
         >>> reducer = fa.adaptive()
         >>> state = reducer.init({"w": torch.zeros(2)})
         >>> for g in ([1.0, 0.0], [3.0, 0.0]):
-        ...     state = reducer.fold(state, {"w": torch.tensor(g)}, torch.tensor(4.0))
+        ...     state = reducer.update(state, {"w": torch.tensor(g)}, torch.tensor(4.0))
         >>> fa.noise_statistics(state)                  # T = 8 / 1, G2 = 4 - 8 / 8
         (tensor(8., dtype=torch.float64), tensor(3., dtype=torch.float64))
     """

@@ -33,7 +33,7 @@ class ClippedMeanState(NamedTuple):
         >>> import funcaccum as fa
         >>> reducer = fa.clipped_mean(max_norm=1.0)
         >>> state = reducer.init({"w": torch.zeros(2)})
-        >>> state = reducer.fold(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+        >>> state = reducer.update(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
         >>> isinstance(state, fa.ClippedMeanState), state.clipped_sum["w"], state.norm_max
         (True, tensor([0.6000, 0.8000]), Maximum(value=tensor(5.)))
     """

@@ -28,7 +28,7 @@ class MeanState(NamedTuple):
         >>> import funcaccum as fa
         >>> reducer = fa.mean()
         >>> state = reducer.init({"w": torch.zeros(2)})
-        >>> state = reducer.fold(state, {"w": torch.tensor([1.0, 2.0])}, torch.tensor(4.0))
+        >>> state = reducer.update(state, {"w": torch.tensor([1.0, 2.0])}, torch.tensor(4.0))
         >>> isinstance(state, fa.MeanState), state.grad_sum["w"], state.weight_sum
         (True, tensor([4., 8.]), tensor(4.))
     """

@@ -159,8 +159,8 @@ class Maximum(NamedTuple):
         >>> import funcaccum as fa
         >>> reducer = fa.clipped_mean(max_norm=1.0)
         >>> empty = reducer.init({"w": torch.zeros(2)})
-        >>> a = reducer.fold(empty, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
-        >>> b = reducer.fold(empty, {"w": torch.tensor([0.3, 0.4])}, torch.tensor(1.0))
+        >>> a = reducer.update(empty, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+        >>> b = reducer.update(empty, {"w": torch.tensor([0.3, 0.4])}, torch.tensor(1.0))
         >>> merged = reducer.merge(a, b)
         >>> merged.norm_max, merged.norm_sum          # the Maximum keeps the larger; sums add
         (Maximum(value=tensor(5.)), tensor(5.5000))
