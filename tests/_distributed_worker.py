@@ -16,11 +16,17 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # This checkout's funcaccum first, not the one installed in the environment.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from conftest import classification_batch, mlp_loss, mlp_params
+from conftest import classification_batch, conv_bn_model, image_batch, mlp_loss, mlp_params
+from torch.nn import functional
 
 import funcaccum as fa
 
 REDUCERS = {"mean": fa.mean, "clipped": lambda: fa.clipped_mean(0.3), "adaptive": fa.adaptive}
+# float32 params: adaptive's float64 sums beside float32 loss sums, or all float32.
+REDUCERS32 = {**REDUCERS, "adaptive-f32": lambda: fa.adaptive(accum_dtype=torch.float32)}
+FLOAT32_SPLIT, FLOAT32_STEPS = [12, 8], 4
+# Batch norm: per-rank examples at each step (microbatches of 4), and the step made non-finite.
+BN_SPLITS, BN_NAN_STEP = [[12, 4], [8, 8], [16, 0], [12, 4], [4, 12]], 3
 COLLECTIVES = (
     "all_reduce",
     "broadcast",
@@ -46,6 +52,22 @@ def count_collectives() -> dict[str, int]:
 
         setattr(dist, name, counted)
     return counts
+
+
+def bn_loss(apply: object) -> object:
+    def loss_fn(params: dict, model_state: dict, batch: dict) -> tuple:
+        logits, model_state = apply(params, model_state, batch["x"])
+        return functional.cross_entropy(logits, batch["y"]), model_state
+
+    return loss_fn
+
+
+def bn_batch(i: int) -> dict:
+    """Step ``i``'s global batch of 16 images; at BN_NAN_STEP the last 4 are NaN."""
+    batch = image_batch(16, seed=i)
+    if i == BN_NAN_STEP:
+        batch["x"][12:] = float("nan")
+    return batch
 
 
 def shard(batch: dict, rank: int, sizes: list[int]) -> dict | None:
@@ -172,6 +194,36 @@ def main() -> None:
             "loss": metrics["loss"],
             "step": state.step,
         }
+    elif scenario == "float32":
+        for name, make in REDUCERS32.items():
+            step = fa.train_step(
+                mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=make(), num_microbatches=3
+            )
+            parallel = fa.distributed.DataParallel(step, timeout=30)
+            state = parallel.init(mlp_params(torch.float32))
+            before = dict(counts)
+            for i in range(FLOAT32_STEPS):
+                batch = classification_batch(20, dtype=torch.float32, seed=i)
+                state, metrics = parallel(state, shard(batch, rank, FLOAT32_SPLIT))
+            per_step = {k: (counts[k] - before[k]) / FLOAT32_STEPS for k in COLLECTIVES}
+            result[name] = {"params": state.params, "per_step": per_step, "loss": metrics["loss"]}
+    elif scenario == "batchnorm":
+        apply, params, buffers = fa.functional_model(conv_bn_model(), has_state=True)
+        step = fa.train_step(
+            bn_loss(apply), optimizer=fa.optim.adamw(1e-2), microbatch_size=4, has_state=True
+        )
+        parallel = fa.distributed.DataParallel(step, timeout=30)
+        if rank == 1:  # init must broadcast rank 0's params and statistics
+            params = fa.tree_scale(params, 2.0)
+            buffers = {k: v + 1 for k, v in buffers.items()}
+        state = parallel.init(params, model_state=buffers)
+        after_init = dict(counts)
+        history = [(state.params, state.model_state, False)]
+        for i, split in enumerate(BN_SPLITS):
+            state, metrics = parallel(state, shard(bn_batch(i), rank, split))
+            history.append((state.params, state.model_state, bool(metrics["skipped"])))
+        per_step = {k: (counts[k] - after_init[k]) / len(BN_SPLITS) for k in COLLECTIVES}
+        result = {"history": history, "per_step": per_step}
     elif scenario == "killed":
         step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
         parallel = fa.distributed.DataParallel(

@@ -7,6 +7,7 @@ from itertools import pairwise
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn import functional
 
 
@@ -87,3 +88,21 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def conv_bn_model() -> nn.Module:
+    """A float64 conv + batch norm classifier of 3 classes for (n, 2, 5, 5) images."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1, bias=False),  # a bias before batch norm has no gradient
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 5 * 5, 3),
+    ).double()
+
+
+def image_batch(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64) * 2 + 0.5  # (n, c, h, w)
+    return {"x": x, "y": torch.randint(3, (n,), generator=g)}

@@ -11,7 +11,16 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import classification_batch, free_port, mlp_loss, mlp_params
+from _distributed_worker import (
+    BN_NAN_STEP,
+    BN_SPLITS,
+    FLOAT32_SPLIT,
+    FLOAT32_STEPS,
+    REDUCERS32,
+    bn_batch,
+    bn_loss,
+)
+from conftest import classification_batch, conv_bn_model, free_port, mlp_loss, mlp_params
 
 import funcaccum as fa
 from funcaccum.testing import assert_trees_allclose, assert_trees_equal
@@ -77,15 +86,7 @@ def test_training_keeps_ranks_bit_identical_with_one_collective_per_step(tmp_pat
     results, _, _ = launch("train", tmp_path)
     assert_trees_equal(results[0]["params"], results[1]["params"])
     assert results[0]["step"].item() == 20
-    assert results[0]["per_step"] == {
-        "all_reduce": 1.0,
-        "broadcast": 0.0,
-        "all_gather": 0.0,
-        "reduce_scatter": 0.0,
-        "reduce": 0.0,
-        "gather": 0.0,
-        "scatter": 0.0,
-    }
+    assert results[0]["per_step"] == ONE_ALL_REDUCE
     # The same 20 steps in one process, on the global batches, agree with the distributed run.
     step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
     state = step.init(mlp_params())
@@ -97,6 +98,105 @@ def test_training_keeps_ranks_bit_identical_with_one_collective_per_step(tmp_pat
         )
         state, _ = step.apply(state, folded)
     assert_trees_allclose(results[0]["params"], state.params, rtol=1e-10, atol=1e-12)
+
+
+ONE_ALL_REDUCE = {
+    "all_reduce": 1.0,
+    "broadcast": 0.0,
+    "all_gather": 0.0,
+    "reduce_scatter": 0.0,
+    "reduce": 0.0,
+    "gather": 0.0,
+    "scatter": 0.0,
+}
+
+
+def test_float32_params_take_one_collective_per_step_for_every_reducer(tmp_path: Path) -> None:
+    """adaptive's float64 sums and the float32 loss sums share one buffer (float64)."""
+    results, _, _ = launch("float32", tmp_path)
+    assert set(results[0]) == set(REDUCERS32)
+    for name, make in REDUCERS32.items():
+        got = results[0][name]
+        assert got["per_step"] == ONE_ALL_REDUCE, name
+        assert_trees_equal(results[1][name]["params"], got["params"])
+        # One process, merging the same two shares, agrees to float32 rounding.
+        step = fa.train_step(
+            mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=make(), num_microbatches=3
+        )
+        state = step.init(mlp_params(torch.float32))
+        cut = FLOAT32_SPLIT[0]
+        for i in range(FLOAT32_STEPS):
+            batch = classification_batch(20, dtype=torch.float32, seed=i)
+            folded = fa.merge(
+                step.fold(state, {k: v[:cut] for k, v in batch.items()}),
+                step.fold(state, {k: v[cut:] for k, v in batch.items()}),
+                reducer=step.reducer,
+            )
+            state, metrics = step.apply(state, folded)
+        assert_trees_allclose(got["params"], state.params, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got["loss"], metrics["loss"], rtol=1e-6, atol=0)
+
+
+def running_statistics_by_hand(
+    params: dict, model_state: dict, batch: dict, split: list[int]
+) -> dict:
+    """The documented rule: each rank runs its microbatches of 4 through the module in train
+    mode from the common state; floats average weighted by microbatch count, counters add up."""
+    shares, counts, start = [], [], 0
+    for size in split:
+        part = {k: v[start : start + size] for k, v in batch.items()}
+        start += size
+        if size == 0:
+            continue
+        model = fa.load_into(conv_bn_model(), params, model_state).train()
+        with torch.no_grad():
+            for x in part["x"].split(4):
+                model(x)
+        shares.append(dict(model.named_buffers()))
+        counts.append(len(part["x"].split(4)))
+    total = sum(counts)
+    merged = {}
+    for name, old in model_state.items():
+        if old.is_floating_point():
+            merged[name] = sum(k * s[name] for k, s in zip(counts, shares, strict=True)) / total
+        else:
+            merged[name] = old + sum(s[name] - old for s in shares)
+    return merged
+
+
+def test_batch_norm_statistics_merge_across_ranks_in_the_one_collective(tmp_path: Path) -> None:
+    """Params as one process gets them; running statistics by the documented rule; bit-identical
+    ranks; a rank without examples counts for nothing; a skipped step keeps the statistics."""
+    results, _, _ = launch("batchnorm", tmp_path)
+    history = results[0]["history"]
+    assert results[0]["per_step"] == ONE_ALL_REDUCE
+    assert_trees_equal([h[:2] for h in results[1]["history"]], [h[:2] for h in history])
+    apply, params, buffers = fa.functional_model(conv_bn_model(), has_state=True)
+    assert_trees_equal(history[0][:2], (params, buffers))  # rank 0's, broadcast at init
+    # One process on the global batches: the same microbatches of 4, so the same gradients.
+    step = fa.train_step(
+        bn_loss(apply), optimizer=fa.optim.adamw(1e-2), microbatch_size=4, has_state=True
+    )
+    state = step.init(params, model_state=buffers)
+    for i, split in enumerate(BN_SPLITS):
+        state, metrics = step(state, bn_batch(i))
+        (before_params, before_state, _), (got_params, got_state, skipped) = history[i : i + 2]
+        assert skipped == bool(metrics["skipped"]) == (i == BN_NAN_STEP), i
+        assert_trees_allclose(got_params, state.params, rtol=1e-10, atol=1e-12)
+        if skipped:  # every rank rolls back: params and statistics as before the step
+            assert_trees_equal((got_params, got_state), (before_params, before_state))
+            continue
+        want = running_statistics_by_hand(before_params, before_state, bn_batch(i), split)
+        assert_trees_allclose(got_state, want, rtol=1e-12, atol=1e-14)
+    # Every microbatch of every applied step counted once, as one process would count it.
+    assert history[-1][1]["1.num_batches_tracked"].item() == sum(
+        sum(split) // 4 for i, split in enumerate(BN_SPLITS) if i != BN_NAN_STEP
+    )
+
+
+def test_a_model_state_without_a_merge_rule_is_refused() -> None:
+    with pytest.raises(fa.FuncaccumError, match=r"model_state\['flag'\] is a torch.bool tensor"):
+        fa.distributed._data_parallel._check_model_state({"flag": torch.tensor(True)})
 
 
 def test_a_killed_rank_makes_the_survivor_fail_clearly(tmp_path: Path) -> None:

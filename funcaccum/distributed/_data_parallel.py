@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import optree
 import torch
 import torch.distributed as dist
 
-from .._accumulate import FoldState
 from .._errors import FuncaccumError
 from .._reducer import Maximum
 from .._train import Metrics, TrainState, TrainStep
-from .._tree import PyTree
+from .._tree import PyTree, leaf_paths
 from .._validate import check_bool, check_real, describe
 
 __all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
@@ -41,21 +41,54 @@ def _wait(work: Any, timeout: float | None, what: str) -> None:
         ) from error
 
 
-def _collective_by_dtype(
+def _floating_then_by_dtype(tensors: list[torch.Tensor]) -> list[tuple[torch.dtype, list[int]]]:
+    """Buffers for a sum: every floating-point tensor in one, in the widest of their dtypes.
+
+    Upcasting is exact and the sum is rounded once back to each tensor's own
+    dtype, so a float32 leaf summed in a float64 buffer is as accurate as
+    summed in float32 (more, over many ranks). Other dtypes (integers, which a
+    float could not hold exactly) keep a buffer each; no shipped state has them.
+    """
+    floating = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+    groups: list[tuple[torch.dtype, list[int]]] = []
+    if floating:
+        widest = functools.reduce(torch.promote_types, (tensors[i].dtype for i in floating))
+        groups.append((widest, floating))
+    others: dict[torch.dtype, list[int]] = {}
+    for i, tensor in enumerate(tensors):
+        if not tensor.is_floating_point():
+            others.setdefault(tensor.dtype, []).append(i)
+    return groups + list(others.items())
+
+
+def _all_reduce_sum(
     tensors: list[torch.Tensor], run: Callable[[torch.Tensor], None]
 ) -> list[torch.Tensor]:
-    """``run`` a collective in place on one flat buffer per dtype; new tensors, same shapes."""
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, tensor in enumerate(tensors):
-        by_dtype.setdefault(tensor.dtype, []).append(i)
+    """``run`` an in-place sum on one packed buffer (see above); new tensors, same shapes."""
     out = list(tensors)
-    for indices in by_dtype.values():
-        buffer = torch.cat([tensors[i].reshape(-1) for i in indices])
+    for dtype, indices in _floating_then_by_dtype(tensors):
+        buffer = torch.cat([tensors[i].reshape(-1).to(dtype) for i in indices])
         run(buffer)
         sizes = [tensors[i].numel() for i in indices]
         for i, chunk in zip(indices, buffer.split(sizes), strict=True):
-            out[i] = chunk.view(tensors[i].shape).clone()
+            out[i] = chunk.view(tensors[i].shape).to(tensors[i].dtype, copy=True)
     return out
+
+
+def _broadcast_bytes(
+    tensors: list[torch.Tensor], run: Callable[[torch.Tensor], None]
+) -> list[torch.Tensor]:
+    """``run`` a broadcast on the tensors' bytes, all dtypes in one buffer (a copy needs no sum)."""
+    if not tensors:
+        return []
+    raw = [t.detach().reshape(-1).contiguous().view(torch.uint8) for t in tensors]
+    buffer = torch.cat(raw)
+    run(buffer)
+    return [
+        # clone first: a chunk's offset in the buffer need not suit a wider dtype's view
+        chunk.clone().view(t.dtype).view(t.shape)
+        for t, chunk in zip(tensors, buffer.split([r.numel() for r in raw]), strict=True)
+    ]
 
 
 def all_reduce_state(
@@ -64,11 +97,14 @@ def all_reduce_state(
     """Sum a reducer state (or a :class:`~funcaccum.FoldState`) over the ranks of ``group``.
 
     Every leaf is added across ranks, except :class:`~funcaccum.Maximum`
-    fields, which take the maximum; both travel in **one** collective per
-    dtype (one in all for funcaccum's reducers, whose states share a dtype):
-    the leaves are flattened into one buffer, and each maximum sits in its
-    rank's own slot of a ``world_size``-long segment, zero elsewhere, so the
-    sum delivers every rank's value and the maximum is taken after.
+    fields, which take the maximum; all of them travel in **one** collective:
+    the floating-point leaves are flattened into one buffer in the widest of
+    their dtypes (a float32 loss sum rides, upcast exactly, with ``adaptive``'s
+    float64 gradient sum) and come back in their own dtypes. Each maximum sits
+    in its rank's own slot of a ``world_size``-long segment, zero elsewhere,
+    so the sum delivers every rank's value and the maximum is taken after.
+    Integer leaves, which no shipped reducer has, take one more collective
+    per integer dtype.
 
     Args:
         state: the pytree of tensors to merge.
@@ -93,7 +129,7 @@ def all_reduce_state(
         work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group, async_op=True)
         _wait(work, timeout, what)
 
-    summed = _collective_by_dtype([to_send(leaf) for leaf in leaves], run)
+    summed = _all_reduce_sum([to_send(leaf) for leaf in leaves], run)
     merged = [
         Maximum(total.amax(0)) if _is_maximum(leaf) else total
         for leaf, total in zip(leaves, summed, strict=True)
@@ -104,13 +140,84 @@ def all_reduce_state(
 def broadcast_state(
     state: PyTree, *, src: int = 0, group: Any = None, timeout: float | None = None
 ) -> PyTree:
-    """Every rank's copy of ``state`` replaced by rank ``src``'s (one collective per dtype)."""
+    """Every rank's copy of ``state`` replaced by rank ``src``'s, in one collective.
+
+    The leaves travel as bytes in one buffer, whatever their dtypes (a copy,
+    unlike a sum, does not care what the bytes mean), so params and a model
+    state with integer counters go together.
+    """
     leaves, treedef = optree.tree_flatten(state)
 
     def run(buffer: torch.Tensor) -> None:
         _wait(dist.broadcast(buffer, src=src, group=group, async_op=True), timeout, "the broadcast")
 
-    return optree.tree_unflatten(treedef, _collective_by_dtype(leaves, run))
+    return optree.tree_unflatten(treedef, _broadcast_bytes(leaves, run))
+
+
+class _ModelStateShare(NamedTuple):
+    """One rank's model state as it rides in the step's all-reduce: sums only.
+
+    Attributes:
+        microbatches: ``K_r``, the microbatches (forward passes) this rank ran.
+        leaves: per model-state leaf, for a floating-point one ``K_r s_r`` (its
+            state after them, weighted); for an integer one (a counter such as
+            ``num_batches_tracked``) its increment over this step.
+    """
+
+    microbatches: torch.Tensor
+    leaves: list[torch.Tensor]
+
+
+def _check_model_state(model_state: PyTree) -> None:
+    """Raise unless every leaf is a real floating-point or an integer tensor.
+
+    Those are the two kinds :class:`DataParallel` knows how to merge across
+    ranks (averaged, or counted); a boolean or complex leaf has no rule.
+    """
+    for path, leaf in leaf_paths(model_state, "model_state"):
+        if not isinstance(leaf, torch.Tensor):
+            raise FuncaccumError(f"{path} must be a tensor, got {describe(leaf)}")
+        if leaf.is_complex() or leaf.dtype == torch.bool:
+            raise FuncaccumError(
+                f"{path} is a {leaf.dtype} tensor; DataParallel merges model-state leaves that "
+                "are real floating-point (averaged over ranks) or integer (counters, summed)"
+            )
+
+
+def _share(
+    before: PyTree, after: PyTree, microbatches: int, dtype: torch.dtype
+) -> _ModelStateShare:
+    """This rank's :class:`_ModelStateShare`; ``dtype`` is the step's weight dtype (>= float32)."""
+
+    def share(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        if not new.is_floating_point():
+            return (new - old).to(dtype)  # a step's increments are small: exact in any float
+        wide = torch.promote_types(new.dtype, dtype)
+        # A rank without examples sends zeros, not 0 * state (NaN where the state is Inf).
+        return new.to(wide) * microbatches if microbatches else torch.zeros_like(new, dtype=wide)
+
+    leaves = [share(o, n) for o, n in zip(_leaves(before), _leaves(after), strict=True)]
+    count = torch.tensor(float(microbatches), dtype=dtype, device=leaves[0].device)
+    return _ModelStateShare(count, leaves)
+
+
+def _merged_model_state(before: PyTree, summed: _ModelStateShare) -> PyTree:
+    """The rule: floats ``sum_r K_r s_r / sum_r K_r``; integers ``s + sum_r (s_r - s)``."""
+    total = summed.microbatches
+    treedef = optree.tree_structure(before)
+
+    def merge(old: torch.Tensor, total_share: torch.Tensor) -> torch.Tensor:
+        if not old.is_floating_point():
+            return old + total_share.round().to(old.dtype)
+        # No rank ran a microbatch (every rank had None): the state stays.
+        return torch.where(total > 0, total_share / total, old).to(old.dtype)
+
+    merged = [merge(o, t) for o, t in zip(_leaves(before), summed.leaves, strict=True)]
+    return optree.tree_unflatten(treedef, merged)
+
+
+def _leaves(tree: PyTree) -> list[torch.Tensor]:
+    return optree.tree_leaves(tree)
 
 
 class DataParallel:
@@ -125,6 +232,19 @@ class DataParallel:
     microbatch. The result is the exact global weighted mean, for any
     reducer, also when ranks hold different numbers of examples; a rank with
     none passes ``None`` and still takes part, so nobody waits forever.
+
+    A step with ``has_state`` (batch norm's running statistics) keeps one
+    model state, the same on every rank. Each rank threads the state through
+    its own microbatches, in order, as one process would; then, in the same
+    all-reduce as the gradients, the floating-point leaves are averaged over
+    the ranks, each weighted by its microbatch count ``K_r``
+    (``sum_r K_r s_r / sum_r K_r``: a rank without examples counts for
+    nothing), and integer leaves (``num_batches_tracked``) add up every rank's
+    increment, so they count every microbatch of the step, as one process
+    running them all would. Batch statistics stay per microbatch, so the
+    gradients, and the params, are those of one process running the same
+    microbatches. A skipped step keeps the old state on every rank.
+    docs/scaling.md compares this with DDP's and ``SyncBatchNorm``'s choices.
 
     When a peer dies or stalls, the collective fails or times out after
     ``timeout`` seconds, and every surviving rank raises :class:`FuncaccumError`
@@ -169,33 +289,48 @@ class DataParallel:
                 "DataParallel needs torch.distributed initialised: call "
                 "torch.distributed.init_process_group first (torchrun sets the environment)"
             )
-        if step.has_state:
-            raise FuncaccumError(
-                "DataParallel does not take a step with has_state=True yet: each rank's model "
-                "state (batch norm statistics) would drift apart; train with module.eval() "
-                "norms, or on one process"
-            )
         self.step, self.group, self.timeout = step, group, timeout
         self.calls = 0  # optimizer steps attempted, to name one in an error
         self._parts = step.parts(compile)
 
-    def init(self, params: PyTree) -> TrainState:
-        """The step's initial state, built from rank 0's params on every rank."""
-        params = broadcast_state(
-            optree.tree_map(torch.Tensor.detach, params), group=self.group, timeout=self.timeout
+    def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
+        """The step's initial state, built from rank 0's params (and model state) on every rank.
+
+        ``model_state`` is for a step with ``has_state``, as in
+        :meth:`TrainStep.init`; both travel in one broadcast.
+        """
+        _check_model_state(model_state)
+        params, model_state = broadcast_state(
+            optree.tree_map(torch.Tensor.detach, (params, model_state)),
+            group=self.group,
+            timeout=self.timeout,
         )
-        return self.step.init(params)
+        return self.step.init(params, model_state)
 
     def __call__(self, state: TrainState, local_batch: PyTree | None) -> tuple[TrainState, Metrics]:
         """One optimizer step on every rank's local batch (None: this rank has no examples)."""
-        folded: FoldState = (
-            self.step.accumulation.init(state.params)
-            if local_batch is None
-            else self._parts.fold(state, local_batch)[0]
-        )
+        if local_batch is None:
+            folded, model_state = self.step.accumulation.init(state.params), state.model_state
+        else:
+            folded, _, model_state = self._parts.fold(state, local_batch)
         self.calls += 1
         what = f"the all-reduce of optimizer step {self.calls} (since init)"
-        folded = all_reduce_state(folded, group=self.group, timeout=self.timeout, what=what)
-        state, metrics = self._parts.apply(state, folded)
+        if not self.step.has_state:
+            folded = all_reduce_state(folded, group=self.group, timeout=self.timeout, what=what)
+            state, metrics = self._parts.apply(state, folded)
+        else:
+            _check_model_state(state.model_state)
+            count = 0 if local_batch is None else self._microbatches(local_batch)
+            share = _share(state.model_state, model_state, count, folded.weight_sum.dtype)
+            # The model state rides in the gradients' all-reduce: still one collective.
+            folded, share = all_reduce_state(
+                (folded, share), group=self.group, timeout=self.timeout, what=what
+            )
+            merged = _merged_model_state(state.model_state, share)
+            state, metrics = self._parts.apply(state, folded, merged)
         self.step.check_skips(state, metrics)
         return state, metrics
+
+    def _microbatches(self, batch: PyTree) -> int:
+        """How many microbatches (forward passes) the step splits ``batch`` into."""
+        return sum(group.count for group in self.step.accumulation.split(batch))
