@@ -127,10 +127,9 @@ def test_float32_params_take_one_collective_per_step_for_every_reducer(tmp_path:
         cut = FLOAT32_SPLIT[0]
         for i in range(FLOAT32_STEPS):
             batch = classification_batch(20, dtype=torch.float32, seed=i)
-            folded = fa.merge(
+            folded = step.accumulation.merge(
                 step.fold(state, {k: v[:cut] for k, v in batch.items()}),
                 step.fold(state, {k: v[cut:] for k, v in batch.items()}),
-                reducer=step.reducer,
             )
             state, metrics = step.apply(state, folded)
         assert_trees_allclose(got["params"], state.params, rtol=1e-6, atol=1e-7)
