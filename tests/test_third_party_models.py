@@ -259,9 +259,9 @@ def gpt2(attn: str, checkpointed: bool) -> nn.Module:
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         # transformers 5 also hooks the input embeddings to call requires_grad_() on their
-        # output (for frozen embeddings under reentrant checkpointing); inside torch.func
-        # that call raises, and the params here are all trainable, so it is taken off.
-        model.disable_input_require_grads()
+        # output: fine under the default strategy='scan' (plain autograd per microbatch),
+        # refused inside torch.func transforms (strategy='vmap', which also refuses the
+        # checkpoint's saved-tensor hooks).
     return model
 
 
