@@ -7,10 +7,10 @@ from typing import NamedTuple
 import optree
 import torch
 
-from . import _tree
+from . import tree
 from ._errors import FuncaccumError
-from ._reducer import Reducer, Tracker, accumulator_like, as_units, scalar_zeros, typed_merge
-from ._tree import PyTree, tree_add_weighted, tree_scale, tree_vdot
+from ._reducer import Reducer, Tracker, as_units, scalar_zeros, typed_merge
+from ._tree import PyTree, accumulator_like, unit_squared_norms
 from ._validate import check_dtype, check_int, check_real, check_state
 
 __all__ = [
@@ -53,7 +53,7 @@ def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
     ``n_i``. They need ``k >= 2`` (else NaN or Inf); ``G2`` can come out negative.
     """
     n, k = state.weight_sum, state.unit_count
-    mean_sq = tree_vdot(state.grad_sum, state.grad_sum).to(_STATS) / n**2
+    mean_sq = tree.vdot(state.grad_sum, state.grad_sum).to(_STATS) / n**2
     scatter = sum(optree.tree_leaves(state.square_sum)) - n * mean_sq
     trace = scatter / (k - 1)
     return trace, mean_sq - trace / n
@@ -199,11 +199,10 @@ def adaptive(
         weights = weights.to(_STATS)
 
         def weighted_squares(total: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            upcast = g.reshape(g.shape[0], -1).to(_tree.accum_dtype(g.dtype))
-            return total + torch.dot(weights, torch.sum(torch.square(upcast), dim=1, dtype=_STATS))
+            return total + torch.dot(weights, unit_squared_norms(g, sum_dtype=_STATS))
 
         return AdaptiveState(
-            tree_add_weighted(state.grad_sum, grads, weight.to(_STATS)),
+            tree.add_weighted(state.grad_sum, grads, weight.to(_STATS)),
             optree.tree_map(weighted_squares, state.square_sum, units),
             state.weight_sum + weights.sum(),
             state.unit_count + (weights > 0).sum(),
@@ -214,7 +213,7 @@ def adaptive(
         n, k = state.weight_sum, state.unit_count
         trace, grad_sq = noise_statistics(state)
         outputs = step_outputs(trace, grad_sq, n, k, **options)
-        return tree_scale(state.grad_sum, 1 / n), {
+        return tree.scale(state.grad_sum, 1 / n), {
             "noise_trace": trace,
             "grad_sq": grad_sq,
             "ready": n * theta**2 * grad_sq >= trace,

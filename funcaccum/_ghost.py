@@ -12,9 +12,10 @@ from torch import nn
 from torch.func import grad, vmap
 from torch.nn import functional
 
+from . import tree
 from ._errors import FuncaccumError
 from ._microbatch import MicrobatchGroup
-from ._tree import PyTree, accum_dtype, tree_weighted_sum
+from ._tree import PyTree, accum_dtype, unit_squared_norms
 
 if TYPE_CHECKING:
     from ._accumulate import FoldState, _Driver
@@ -76,10 +77,10 @@ def _embedding(
 
 def _materialised(per_unit: dict[str, torch.Tensor]) -> LayerResult:
     """Per-unit gradients already in hand (small layers): norms and a weighted sum."""
-    squares = sum(torch.sum(torch.square(g.flatten(1)), dim=1) for g in per_unit.values())
+    squares = unit_squared_norms(per_unit)
 
     def weighted_sum(coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        return tree_weighted_sum(per_unit, coefficients)
+        return tree.weighted_sum(per_unit, coefficients)
 
     return squares, weighted_sum
 

@@ -162,7 +162,7 @@ def main() -> None:
         step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
         parallel = fa.distributed.DataParallel(step, timeout=30)
         torch.manual_seed(rank)  # different local params: init must broadcast rank 0's
-        state = parallel.init(fa.tree_scale(mlp_params(), 1.0 + rank))
+        state = parallel.init(fa.tree.scale(mlp_params(), 1.0 + rank))
         counts_after_init = dict(counts)
         sizes = [12, 8]
         for i in range(20):

@@ -6,7 +6,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._tree import PyTree, tree_device, tree_scale
+from .. import tree
+from .._tree import PyTree, tree_device
 from .._validate import check_callable, check_hyperparam
 from ._base import GradientTransformation, Schedule, checked, hyperparams
 
@@ -62,7 +63,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     ) -> tuple[PyTree, ScaleByLearningRateState]:
         clock = extra.get("schedule_step", state.count)
         rate = state.hyperparams["learning_rate"] if schedule is None else schedule(clock)
-        return tree_scale(updates, -rate), ScaleByLearningRateState(
+        return tree.scale(updates, -rate), ScaleByLearningRateState(
             state.count + 1, {"learning_rate": rate}
         )
 
@@ -96,6 +97,6 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         updates: PyTree, state: ScaleByScheduleState, params: PyTree = None, **extra: Any
     ) -> tuple[PyTree, ScaleByScheduleState]:
         clock = extra.get("schedule_step", state.count)
-        return tree_scale(updates, schedule(clock)), ScaleByScheduleState(state.count + 1)
+        return tree.scale(updates, schedule(clock)), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
