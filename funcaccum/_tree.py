@@ -52,7 +52,9 @@ def unit_squared_norms(
     Every leaf is squared in ``accum_dtype(leaf.dtype, dtype)`` (at least
     float32) and its squares summed in ``sum_dtype`` (default the same);
     the leaves' sums are then added in order. Pass one tensor for one leaf's
-    squared norms.
+    squared norms. :func:`~funcaccum.clipped_mean` clips by these,
+    :func:`~funcaccum.ghost` adds them for the layers whose per-unit gradients
+    it forms, and :func:`~funcaccum.adaptive` keeps them per leaf in float64.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> grads = {"w": torch.randn(4, 3, 2, generator=g, dtype=torch.bfloat16)}  # (c=4, 3, 2)
