@@ -7,9 +7,10 @@ the batch into microbatches, takes each one's gradient with
 large-batch gradient;
 :func:`train_step` composes that with an update rule from :mod:`funcaccum.optim`
 into one pure, compilable training step; :func:`save` and :func:`load` checkpoint it.
+Pytree arithmetic (``tree.add``, ``tree.global_norm``, ...) is in :mod:`funcaccum.tree`.
 """
 
-from . import distributed, optim
+from . import distributed, optim, tree
 from ._accumulate import (
     Accumulated,
     Accumulation,
@@ -32,18 +33,6 @@ from ._model_state import running_stats
 from ._reducer import BatchControl, CarryRule, Control, Maximum, Reducer
 from ._strategy import GroupRunner, Strategy, chunked, scan, vmap
 from ._train import StepParts, TrainState, TrainStep, train_step
-from ._tree import (
-    tree_add,
-    tree_add_weighted,
-    tree_cast,
-    tree_global_norm,
-    tree_lerp,
-    tree_scale,
-    tree_select,
-    tree_vdot,
-    tree_weighted_sum,
-    tree_zeros_like,
-)
 
 __version__ = "0.1.0"
 
@@ -94,14 +83,5 @@ __all__ = [
     "save",
     "split_microbatches",
     "train_step",
-    "tree_add",
-    "tree_add_weighted",
-    "tree_cast",
-    "tree_global_norm",
-    "tree_lerp",
-    "tree_scale",
-    "tree_select",
-    "tree_vdot",
-    "tree_weighted_sum",
-    "tree_zeros_like",
+    "tree",
 ]

@@ -7,19 +7,18 @@ from typing import NamedTuple
 import optree
 import torch
 
-from . import _tree
+from . import tree
 from ._errors import FuncaccumError
 from ._reducer import (
     BatchControl,
     CarryRule,
     Control,
     Reducer,
-    accumulator_like,
     as_units,
     scalar_zeros,
     typed_merge,
 )
-from ._tree import PyTree, tree_add_weighted, tree_scale, tree_vdot
+from ._tree import PyTree, accumulator_like, unit_squared_norms
 from ._validate import check_dtype, check_int, check_real, check_state
 
 __all__ = [
@@ -105,7 +104,7 @@ def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
         (tensor(8., dtype=torch.float64), tensor(3., dtype=torch.float64))
     """
     n, k = state.weight_sum, state.unit_count
-    mean_sq = tree_vdot(state.grad_sum, state.grad_sum).to(n.dtype) / n**2
+    mean_sq = tree.vdot(state.grad_sum, state.grad_sum).to(n.dtype) / n**2
     scatter = sum(optree.tree_leaves(state.square_sum)) - n * mean_sq
     trace = scatter / (k - 1)
     return trace, mean_sq - trace / n
@@ -270,11 +269,10 @@ def adaptive(
         weights = weights.to(stats)
 
         def weighted_squares(total: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            upcast = g.reshape(g.shape[0], -1).to(_tree.accum_dtype(g.dtype))
-            return total + torch.dot(weights, torch.sum(torch.square(upcast), dim=1, dtype=stats))
+            return total + torch.dot(weights, unit_squared_norms(g, sum_dtype=stats))
 
         return AdaptiveState(
-            tree_add_weighted(state.grad_sum, grads, weight.to(stats)),
+            tree.add_weighted(state.grad_sum, grads, weight.to(stats)),
             optree.tree_map(weighted_squares, state.square_sum, units),
             state.weight_sum + weights.sum(),
             state.unit_count + (weights > 0).sum(),
@@ -285,7 +283,7 @@ def adaptive(
         n, k = state.weight_sum, state.unit_count
         trace, grad_sq = noise_statistics(state)
         outputs = step_outputs(trace, grad_sq, n, k, **options)
-        return tree_scale(state.grad_sum, 1 / n), {
+        return tree.scale(state.grad_sum, 1 / n), {
             "noise_trace": trace,
             "grad_sq": grad_sq,
             "ready": n * theta**2 * grad_sq >= trace,  # reported; ready() is what is read

@@ -8,22 +8,22 @@ from typing import NamedTuple
 import optree
 import torch
 
+from . import tree
 from ._errors import FuncaccumError
 from ._reducer import (
     Denominator,
     Maximum,
     Reducer,
-    accumulator_like,
     as_units,
     check_denominator,
     divisor,
     scalar_zeros,
     typed_merge,
 )
-from ._tree import PyTree, accum_dtype, tree_add, tree_scale, tree_weighted_sum
+from ._tree import PyTree, accumulator_like, unit_squared_norms
 from ._validate import check_dtype, check_real, check_state
 
-__all__ = ["ClippedMeanState", "clipped_mean", "unit_norms"]
+__all__ = ["ClippedMeanState", "clipped_mean"]
 
 
 class ClippedMeanState(NamedTuple):
@@ -45,15 +45,6 @@ class ClippedMeanState(NamedTuple):
     norm_sum: torch.Tensor  # sum of |g_i| before clipping
     clipped_norm_sum: torch.Tensor  # sum of |c_i g_i|
     norm_max: Maximum  # max of |g_i| before clipping
-
-
-def unit_norms(grads: PyTree, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Global L2 norm of each stacked unit: leaves ``(c, ...)`` give a ``(c,)`` tensor."""
-    squares = [
-        torch.sum(torch.square(g.reshape(g.shape[0], -1).to(accum_dtype(g.dtype, dtype))), dim=1)
-        for g in optree.tree_leaves(grads)
-    ]
-    return torch.sqrt(sum(squares[1:], squares[0]))
 
 
 def clipped_mean(
@@ -151,7 +142,7 @@ def clipped_mean(
         active = weights != 0
         zero = torch.zeros_like(norms)
         return ClippedMeanState(
-            clipped_sum=tree_add(
+            clipped_sum=tree.add(
                 state.clipped_sum, weighted_sum(torch.where(active, weights * factor, 0))
             ),
             weight_sum=state.weight_sum + weights.sum(),
@@ -167,10 +158,10 @@ def clipped_mean(
 
     def update(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
         units, weights = as_units(grads, weight)
-        norms = unit_norms(units, dtype=override)
+        norms = torch.sqrt(unit_squared_norms(units, dtype=override))
 
         def weighted_sum(coefficients: torch.Tensor) -> PyTree:
-            total = tree_weighted_sum(units, coefficients, dtype=override)
+            total = tree.weighted_sum(units, coefficients, dtype=override)
             return optree.tree_map(lambda t, a: t.to(a.dtype), total, state.clipped_sum)
 
         return update_by_norms(state, norms, weights, weighted_sum)
@@ -189,7 +180,7 @@ def clipped_mean(
                 total,
             )
         units = state.unit_count
-        return tree_scale(total, 1 / divisor(state.weight_sum, denominator)), {
+        return tree.scale(total, 1 / divisor(state.weight_sum, denominator)), {
             "clip_fraction": state.clipped_count / units,
             "norm_mean": state.norm_sum / units,
             "norm_max": state.norm_max.value,

@@ -12,11 +12,12 @@ from torch import nn
 from torch.func import grad, vmap
 from torch.nn import functional
 
+from . import tree
 from ._errors import FuncaccumError
 from ._fold import Folder, FoldState, MicrobatchOutput
 from ._microbatch import MicrobatchGroup
 from ._strategy import GroupRunner
-from ._tree import PyTree, accum_dtype, tree_weighted_sum
+from ._tree import PyTree, accum_dtype, unit_squared_norms
 from ._validate import check_int
 
 __all__ = ["Ghost", "ghost"]
@@ -76,10 +77,10 @@ def _embedding(
 
 def _materialised(per_unit: dict[str, torch.Tensor]) -> LayerResult:
     """Per-unit gradients already in hand (small layers): norms and a weighted sum."""
-    squares = sum(torch.sum(torch.square(g.flatten(1)), dim=1) for g in per_unit.values())
+    squares = unit_squared_norms(per_unit)
 
     def weighted_sum(coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        return tree_weighted_sum(per_unit, coefficients)
+        return tree.weighted_sum(per_unit, coefficients)
 
     return squares, weighted_sum
 

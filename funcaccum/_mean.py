@@ -6,16 +6,16 @@ from typing import NamedTuple
 
 import torch
 
+from . import tree
 from ._reducer import (
     Denominator,
     Reducer,
-    accumulator_like,
     check_denominator,
     divisor,
     scalar_zeros,
     typed_merge,
 )
-from ._tree import PyTree, tree_add_weighted, tree_scale
+from ._tree import PyTree, accumulator_like
 from ._validate import check_dtype, check_state
 
 __all__ = ["MeanState", "mean"]
@@ -78,11 +78,11 @@ def mean(
         check_state(state, MeanState, owner="mean()", role="update")
         weight = weight.to(state.weight_sum.dtype)
         return MeanState(
-            tree_add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
+            tree.add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
         )
 
     def finalize(state: MeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
         check_state(state, MeanState, owner="mean()", role="finalize")
-        return tree_scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), {}
+        return tree.scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), {}
 
     return Reducer(init, update, typed_merge(MeanState, "mean()"), finalize)

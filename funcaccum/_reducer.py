@@ -21,7 +21,6 @@ __all__ = [
     "Denominator",
     "Maximum",
     "Reducer",
-    "accumulator_like",
     "as_units",
     "check_denominator",
     "divisor",
@@ -208,13 +207,6 @@ def scalar_zeros(
     """
     dtype, device = weight_dtype(params, override), tree_device(params)
     return [torch.zeros((), dtype=dtype, device=device) for _ in range(count)]
-
-
-def accumulator_like(params: PyTree, override: torch.dtype | None = None) -> PyTree:
-    """Zeros shaped like ``params``, each in its accumulation dtype (at least float32)."""
-    return optree.tree_map(
-        lambda x: torch.zeros_like(x, dtype=accum_dtype(x.dtype, override)), params
-    )
 
 
 def as_units(grads: PyTree, weight: torch.Tensor) -> tuple[PyTree, torch.Tensor]:

@@ -8,6 +8,7 @@ from typing import Any, Literal, NamedTuple
 import optree
 import torch
 
+from . import tree
 from ._accumulate import Accumulation, LossFn
 from ._errors import FuncaccumError
 from ._fold import FoldState, compiled
@@ -15,15 +16,7 @@ from ._mean import mean
 from ._microbatch import BatchDim
 from ._reducer import Control, Reducer
 from ._strategy import Strategy
-from ._tree import (
-    PyTree,
-    accum_dtype,
-    tree_cast,
-    tree_device,
-    tree_global_norm,
-    tree_scale,
-    tree_select,
-)
+from ._tree import PyTree, accum_dtype, tree_device
 from ._validate import check_dtype
 from .optim import GradientTransformation, apply_updates, get_hyperparams
 
@@ -113,7 +106,7 @@ class TrainStep:
 
     def _loss(self, params: PyTree, *args: PyTree) -> Any:
         """The user's loss on params cast to the compute dtype (``args``: [model_state,] batch)."""
-        return self.loss_fn(tree_cast(params, self.compute_dtype), *args)
+        return self.loss_fn(tree.cast(params, self.compute_dtype), *args)
 
     def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
         """A fresh state: the params (detached, not copied), a new optimizer state, zero counts.
@@ -205,7 +198,7 @@ class TrainStep:
             carry, stats, control = self.reducer.carry.update(carry, stats)
         # Each param's gradient in its accumulation dtype, whatever the reducer summed in.
         grads = optree.tree_map(lambda g, p: g.to(accum_dtype(p.dtype)), result.grads, state.params)
-        grad_norm = tree_global_norm(grads)
+        grad_norm = tree.global_norm(grads)
         finite = torch.isfinite(result.loss) & torch.isfinite(grad_norm)
 
         clock = {}
@@ -218,14 +211,14 @@ class TrainStep:
             clock["schedule_step"] = control.progress
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params, **clock)
         if control.step_scale is not None:  # a reducer that sets the step size scales the update
-            updates = tree_scale(updates, control.step_scale)
+            updates = tree.scale(updates, control.step_scale)
         params = apply_updates(state.params, updates)
         # The guard covers the update too: a NaN learning rate, or an overflow in the update
         # rule, is skipped like a NaN gradient, so the params stay those of a finite step.
-        finite = finite & torch.isfinite(tree_global_norm(updates))
-        finite = finite & torch.isfinite(tree_global_norm(params))
+        finite = finite & torch.isfinite(tree.global_norm(updates))
+        finite = finite & torch.isfinite(tree.global_norm(params))
         # A non-finite step changes nothing but the skip counts: bit-identical params and state.
-        params, opt_state, carry, new_model_state = tree_select(
+        params, opt_state, carry, new_model_state = tree.select(
             finite,
             (params, opt_state, carry, new_model_state),
             (state.params, state.opt_state, state.reducer_carry, state.model_state),

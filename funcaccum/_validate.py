@@ -230,7 +230,7 @@ def _bad_param(leaf: Any) -> str | None:
 def check_params(params: PyTree, root: str = "params") -> None:
     """Raise, naming the leaf's path, unless every leaf is a floating tensor with storage.
 
-    None leaves are absent params (see :mod:`funcaccum._tree`) and pass.
+    None leaves are absent params (see :mod:`funcaccum.tree`) and pass.
 
     >>> check_params({"w": torch.zeros(2), "steps": torch.tensor(3)})
     Traceback (most recent call last):

@@ -14,7 +14,7 @@ the step with the lowest *training* microbatch loss. Here:
 - ``--reducer adaptive`` lets the gradient noise choose the number of
   microbatches per step (``adaptive`` with ``AdaptiveBatching``);
 - weight averaging is a pure function of the params: an EMA
-  (``tree_lerp``), and the best weights by *validation* loss (``tree_select``).
+  (``fa.tree.lerp``), and the best weights by *validation* loss.
 
 Data: scikit-learn's handwritten digits (``pip install scikit-learn``, the
 ``recipes`` extra) when installed, else a generated 10-class problem of the
@@ -137,7 +137,7 @@ def main() -> None:
                 for batch in epoch_batches(epoch):
                     state, metrics = step(state, batch)
                     used += float(metrics["weight"])
-                    average = fa.tree_lerp(average, state.params, 1 - args.ema_decay)
+                    average = fa.tree.lerp(average, state.params, 1 - args.ema_decay)
                     recipe.log(epoch=epoch, **_loggable(metrics))
             else:
                 microbatches = iter(
@@ -151,7 +151,7 @@ def main() -> None:
                     except StopIteration:
                         break
                     used += float(metrics["weight"])
-                    average = fa.tree_lerp(average, state.params, 1 - args.ema_decay)
+                    average = fa.tree.lerp(average, state.params, 1 - args.ema_decay)
                     recipe.log(epoch=epoch, **_loggable(metrics))
             used_per_epoch.append(used)
             valid_loss, _ = evaluate(state.params)

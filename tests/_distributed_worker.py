@@ -181,7 +181,7 @@ def main() -> None:
         step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
         parallel = fa.distributed.DataParallel(step, timeout=30)
         torch.manual_seed(rank)  # different local params: init must broadcast rank 0's
-        state = parallel.init(fa.tree_scale(mlp_params(), 1.0 + rank))
+        state = parallel.init(fa.tree.scale(mlp_params(), 1.0 + rank))
         counts_after_init = dict(counts)
         sizes = [12, 8]
         for i in range(20):
@@ -214,7 +214,7 @@ def main() -> None:
         )
         parallel = fa.distributed.DataParallel(step, timeout=30)
         if rank == 1:  # init must broadcast rank 0's params and statistics
-            params = fa.tree_scale(params, 2.0)
+            params = fa.tree.scale(params, 2.0)
             buffers = {k: v + 1 for k, v in buffers.items()}
         state = parallel.init(params, model_state=buffers)
         after_init = dict(counts)

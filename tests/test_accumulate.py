@@ -97,11 +97,11 @@ def clip_loop(params: dict, batch: dict, k: int, max_norm: float) -> dict:
         for i in range(group.count):
             microbatch = {name: leaf[i] for name, leaf in group.batch.items()}
             g = grad(mlp_loss)(params, microbatch)
-            norm = fa.tree_global_norm(g)
-            g = fa.tree_scale(g, group.size * min(1.0, max_norm / norm.item()))
-            total = g if total is None else fa.tree_add(total, g)
+            norm = fa.tree.global_norm(g)
+            g = fa.tree.scale(g, group.size * min(1.0, max_norm / norm.item()))
+            total = g if total is None else fa.tree.add(total, g)
             count += group.size
-    return fa.tree_scale(total, 1 / count)
+    return fa.tree.scale(total, 1 / count)
 
 
 @pytest.mark.parametrize("options", STRATEGIES)
@@ -205,7 +205,7 @@ def test_fixed_denominator() -> None:
     fixed = fa.accumulate(
         mlp_loss, params, batch, reducer=fa.mean(denominator=38), num_microbatches=4
     )
-    assert_trees_allclose(fixed.grads, fa.tree_scale(by_weight.grads, 0.5), rtol=1e-12, atol=0)
+    assert_trees_allclose(fixed.grads, fa.tree.scale(by_weight.grads, 0.5), rtol=1e-12, atol=0)
 
 
 def test_accumulation_is_float32_for_bf16_gradients() -> None:
@@ -222,11 +222,11 @@ def test_accumulation_is_float32_for_bf16_gradients() -> None:
 
 def test_accumulate_does_not_mutate_its_inputs_and_fold_returns_new_state() -> None:
     params, batch = mlp_params(), classification_batch(19)
-    params_before = fa.tree_scale(params, 1.0)
+    params_before = fa.tree.scale(params, 1.0)
     batch_before = {k: v.clone() for k, v in batch.items()}
     acc = fa.Accumulation(num_microbatches=3)
     state = acc.fold(mlp_loss, params, batch)
-    state_before = fa.tree_scale(state, 1)
+    state_before = fa.tree.scale(state, 1)
     acc.fold(mlp_loss, params, batch, state)
     assert_trees_equal(params, params_before)
     assert_trees_equal(batch, batch_before)

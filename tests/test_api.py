@@ -10,7 +10,13 @@ from pathlib import Path
 import funcaccum
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = ["funcaccum", "funcaccum.optim", "funcaccum.testing", "funcaccum.distributed"]
+PUBLIC_MODULES = [
+    "funcaccum",
+    "funcaccum.optim",
+    "funcaccum.testing",
+    "funcaccum.distributed",
+    "funcaccum.tree",
+]
 
 
 def test_every_module_declares_all() -> None:

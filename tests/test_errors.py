@@ -116,7 +116,7 @@ def test_every_mean_reducer_takes_the_same_denominators() -> None:
             mlp_loss, params, batch, reducer=make(denominator=24), num_microbatches=3
         )
         assert_trees_equal(named.grads, by_weight.grads)
-        assert_trees_allclose(fixed.grads, fa.tree_scale(by_weight.grads, 0.5), rtol=1e-12, atol=0)
+        assert_trees_allclose(fixed.grads, fa.tree.scale(by_weight.grads, 0.5), rtol=1e-12, atol=0)
 
 
 def test_batch_norm_in_training_mode_is_refused() -> None:

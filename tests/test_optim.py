@@ -174,7 +174,7 @@ def test_clip_by_global_norm_clips_the_accumulated_gradient() -> None:
     state = rule.init(params)
     long, _ = rule.update({"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])}, state, params)
     short, _ = rule.update({"a": torch.tensor([0.3, 0.0]), "b": torch.tensor([0.4])}, state, params)
-    assert fa.tree_global_norm(long).item() == pytest.approx(2.0)
+    assert fa.tree.global_norm(long).item() == pytest.approx(2.0)
     assert short["b"].item() == pytest.approx(0.4)
 
 

@@ -206,7 +206,7 @@ def test_masked_state_covers_the_masked_in_leaves_only() -> None:
 def test_a_prefix_mask_marks_whole_subtrees() -> None:
     params = mlp_params()
     rule = optim.add_decayed_weights(1.0, mask={"layer0": True, "layer1": False})
-    zeros = fa.tree_zeros_like(params)
+    zeros = fa.tree.zeros_like(params)
     updates, _ = rule.update(zeros, rule.init(params), params)
     assert_trees_equal(updates["layer0"], params["layer0"])
     assert_trees_equal(updates["layer1"], zeros["layer1"])

@@ -247,7 +247,7 @@ def test_clipped_mean_equals_opacus(case: Callable, opacus_mode: str) -> None:
             strategy=strategy,
         )
         # Opacus clips with max_norm / (norm + 1e-6); funcaccum with max_norm / norm.
-        assert_trees_allclose(fa.tree_scale(result.grads, n), expected, rtol=1e-5, atol=1e-6)
+        assert_trees_allclose(fa.tree.scale(result.grads, n), expected, rtol=1e-5, atol=1e-6)
 
 
 def padded(batch: Batch, size: int) -> dict[str, torch.Tensor]:
@@ -297,7 +297,7 @@ def test_padding_and_declared_denominators() -> None:
         strategy="vmap",
     )
     assert_trees_allclose(
-        declared.grads, fa.tree_scale(real.grads, 24 / expected_batch), rtol=1e-5, atol=1e-7
+        declared.grads, fa.tree.scale(real.grads, 24 / expected_batch), rtol=1e-5, atol=1e-7
     )
 
 

@@ -69,7 +69,7 @@ def test_trees_equal_is_bitwise() -> None:
     ):
         assert_trees_equal(negative_zero, tree())
     with pytest.raises(AssertionError, match=r"torch\.float32"):
-        assert_trees_equal(fa.tree_cast(tree(), torch.float32), tree())
+        assert_trees_equal(fa.tree.cast(tree(), torch.float32), tree())
 
 
 def test_all_finite_names_the_leaf_and_the_kind() -> None:

@@ -18,7 +18,7 @@ def test_metrics_report_the_whole_batch_not_the_last_microbatch() -> None:
     state, metrics = step(step.init(params), batch)
     grads, loss = grad_and_value(mlp_loss)(params, batch)
     torch.testing.assert_close(metrics["loss"], loss, rtol=1e-12, atol=0)
-    torch.testing.assert_close(metrics["grad_norm"], fa.tree_global_norm(grads), rtol=1e-10, atol=0)
+    torch.testing.assert_close(metrics["grad_norm"], fa.tree.global_norm(grads), rtol=1e-10, atol=0)
     last = {k: v[-4:] for k, v in batch.items()}  # the last microbatch (sizes 5, 5, 5, 4)
     assert abs(metrics["loss"] - mlp_loss(params, last)) > 1e-3
     assert metrics["weight"].item() == 19
@@ -26,7 +26,7 @@ def test_metrics_report_the_whole_batch_not_the_last_microbatch() -> None:
     assert not metrics["skipped"]
     assert_trees_allclose(
         state.params,
-        optim.apply_updates(params, fa.tree_scale(grads, -0.1)),
+        optim.apply_updates(params, fa.tree.scale(grads, -0.1)),
         rtol=1e-10,
         atol=1e-14,
     )
@@ -40,10 +40,10 @@ def test_each_step_sees_only_its_own_gradient() -> None:
     for _ in range(3):
         before = state.params
         state, metrics = step(state, batch)
-        alone = fa.tree_global_norm(torch.func.grad(mlp_loss)(before, batch))
+        alone = fa.tree.global_norm(torch.func.grad(mlp_loss)(before, batch))
         torch.testing.assert_close(metrics["grad_norm"], alone, rtol=1e-10, atol=0)
         expected = optim.apply_updates(
-            before, fa.tree_scale(torch.func.grad(mlp_loss)(before, batch), -0.5)
+            before, fa.tree.scale(torch.func.grad(mlp_loss)(before, batch), -0.5)
         )
         assert_trees_allclose(state.params, expected, rtol=1e-10, atol=1e-13)
 

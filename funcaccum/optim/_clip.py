@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._tree import PyTree, tree_global_norm, tree_scale
+from .. import tree
+from .._tree import PyTree
 from .._validate import check_hyperparam
 from ._base import GradientTransformation, ScheduleStep, checked, hyperparams
 
@@ -50,8 +51,8 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ClipByGlobalNormState]:
         limit = state.hyperparams["max_norm"]
-        norm = tree_global_norm(updates)
+        norm = tree.global_norm(updates)
         factor = torch.where(norm > limit, limit / norm, torch.ones_like(limit))
-        return tree_scale(updates, factor), state
+        return tree.scale(updates, factor), state
 
     return GradientTransformation(init, update)

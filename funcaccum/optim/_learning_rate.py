@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from .._tree import PyTree, tree_device, tree_scale
+from .. import tree
+from .._tree import PyTree, tree_device
 from .._validate import check_callable, check_hyperparam
 from ._base import GradientTransformation, Schedule, ScheduleStep, checked, hyperparams
 
@@ -71,7 +72,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
     ) -> tuple[PyTree, ScaleByLearningRateState]:
         clock = state.count if schedule_step is None else schedule_step
         rate = state.hyperparams["learning_rate"] if schedule is None else schedule(clock)
-        return tree_scale(updates, -rate), ScaleByLearningRateState(
+        return tree.scale(updates, -rate), ScaleByLearningRateState(
             state.count + 1, {"learning_rate": rate}
         )
 
@@ -114,6 +115,6 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByScheduleState]:
         clock = state.count if schedule_step is None else schedule_step
-        return tree_scale(updates, schedule(clock)), ScaleByScheduleState(state.count + 1)
+        return tree.scale(updates, schedule(clock)), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)

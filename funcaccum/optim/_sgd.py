@@ -7,8 +7,7 @@ from typing import NamedTuple
 import torch
 
 from .._errors import FuncaccumError
-from .._reducer import accumulator_like
-from .._tree import PyTree, foreach_map
+from .._tree import PyTree, accumulator_like, foreach_map
 from .._validate import check_bool, check_hyperparam
 from ._base import GradientTransformation, Schedule, ScheduleStep, chain, checked, hyperparams
 from ._learning_rate import scale_by_learning_rate

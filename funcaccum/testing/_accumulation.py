@@ -9,20 +9,21 @@ import optree
 import torch
 from torch.func import grad_and_value
 
+from .. import tree
 from .._accumulate import LossFn, accumulate
 from .._microbatch import split_microbatches
 from .._strategy import Strategy, chunked, vmap
-from .._tree import PyTree, tree_add, tree_cast, tree_scale, tree_vdot
+from .._tree import PyTree
 
 __all__ = ["assert_accumulation_exact"]
 
 
-def _norm(tree: PyTree) -> float:
-    return float(torch.sqrt(tree_vdot(tree, tree)))
+def _norm(t: PyTree) -> float:
+    return float(tree.global_norm(t))
 
 
 def _relative_error(got: PyTree, want: PyTree) -> float:
-    return _norm(tree_add(got, tree_scale(want, -1.0))) / max(_norm(want), 1e-300)
+    return _norm(tree.sub(got, want)) / max(_norm(want), 1e-300)
 
 
 def _value_grad_weight(loss_fn: LossFn, params: PyTree, batch: PyTree, has_weight: bool) -> tuple:
@@ -62,13 +63,13 @@ def _diagnose(
     _, grad_m, _ = _value_grad_weight(loss_fn, params, merged, has_weight)
     # Least squares: grad_m ~ ca * grad_a + cb * grad_b.
     gram = torch.tensor(
-        [[tree_vdot(grad_a, grad_a), tree_vdot(grad_a, grad_b)],
-         [tree_vdot(grad_b, grad_a), tree_vdot(grad_b, grad_b)]],
+        [[tree.vdot(grad_a, grad_a), tree.vdot(grad_a, grad_b)],
+         [tree.vdot(grad_b, grad_a), tree.vdot(grad_b, grad_b)]],
         dtype=torch.float64,
     )  # fmt: skip
-    rhs = torch.tensor([tree_vdot(grad_a, grad_m), tree_vdot(grad_b, grad_m)], dtype=torch.float64)
+    rhs = torch.tensor([tree.vdot(grad_a, grad_m), tree.vdot(grad_b, grad_m)], dtype=torch.float64)
     ca, cb = torch.linalg.lstsq(gram, rhs).solution.tolist()
-    fitted = tree_add(tree_scale(grad_a, ca), tree_scale(grad_b, cb))
+    fitted = tree.add(tree.scale(grad_a, ca), tree.scale(grad_b, cb))
     residual = _relative_error(fitted, grad_m)
     share = weight_a / (weight_a + weight_b)
     if residual > 1e-6:
@@ -164,8 +165,8 @@ def assert_accumulation_exact(
         AssertionError: ... loss_fn normalises each microbatch by its own count...
     """
     if dtype is not None:
-        params = tree_cast(params, dtype)
-        batch = tree_cast(batch, dtype)
+        params = tree.cast(params, dtype)
+        batch = tree.cast(batch, dtype)
     if num_microbatches is None and microbatch_size is None:
         num_microbatches = min(3, optree.tree_leaves(batch)[0].shape[0])
     split = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size}
@@ -177,7 +178,7 @@ def assert_accumulation_exact(
             has_weight=has_weight,
         )  # fmt: skip
         error = _relative_error(result.grads, full)
-        if not _norm(tree_add(result.grads, tree_scale(full, -1.0))) <= atol + rtol * _norm(full):
+        if not _norm(tree.sub(result.grads, full)) <= atol + rtol * _norm(full):
             failures.append(f"{strategy}: relative error {error:.3e}")
     if failures:
         raise AssertionError(

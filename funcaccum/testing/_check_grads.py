@@ -9,23 +9,22 @@ import optree
 import torch
 from torch.func import jvp, vjp
 
-from .._tree import PyTree, tree_add, tree_cast, tree_scale, tree_vdot
+from .. import tree
+from .._tree import PyTree
 
 __all__ = ["check_grads"]
 
 
-def _random_like(tree: PyTree, generator: torch.Generator) -> PyTree:
-    """A random direction shaped like ``tree``, of unit global norm."""
+def _random_like(like: PyTree, generator: torch.Generator) -> PyTree:
+    """A random direction shaped like ``like``, of unit global norm."""
     direction = optree.tree_map(
-        lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device), tree
+        lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device), like
     )
-    norm = torch.sqrt(tree_vdot(direction, direction))
-    return tree_scale(direction, 1 / norm)
+    return tree.scale(direction, 1 / tree.global_norm(direction))
 
 
 def _close(name: str, got: PyTree, want: PyTree, rtol: float, atol: float) -> None:
-    difference = tree_add(got, tree_scale(want, -1.0))
-    error, scale = torch.sqrt(tree_vdot(difference, difference)), torch.sqrt(tree_vdot(want, want))
+    error, scale = tree.global_norm(tree.sub(got, want)), tree.global_norm(want)
     if not error <= atol + rtol * scale:
         raise AssertionError(
             f"{name}: torch.func and central finite differences disagree: "
@@ -45,15 +44,15 @@ def _check_first_order(
     label: str,
 ) -> None:
     tangent = _random_like(params, generator)
-    plus = f(tree_add(params, tree_scale(tangent, eps)))
-    minus = f(tree_add(params, tree_scale(tangent, -eps)))
-    numeric = tree_scale(tree_add(plus, tree_scale(minus, -1.0)), 1 / (2 * eps))
+    plus = f(tree.add(params, tree.scale(tangent, eps)))
+    minus = f(tree.sub(params, tree.scale(tangent, eps)))
+    numeric = tree.scale(tree.sub(plus, minus), 1 / (2 * eps))
     output, directional = jvp(f, (params,), (tangent,))
     _close(f"{label} JVP", directional, numeric, rtol, atol)
     # VJP through the dot-product test: <J^T u, v> must equal <u, J v>.
     cotangent = _random_like(output, generator)
     (pulled,) = vjp(f, params)[1](cotangent)
-    _close(f"{label} VJP", tree_vdot(pulled, tangent), tree_vdot(cotangent, numeric), rtol, atol)
+    _close(f"{label} VJP", tree.vdot(pulled, tangent), tree.vdot(cotangent, numeric), rtol, atol)
 
 
 def check_grads(
@@ -105,7 +104,7 @@ def check_grads(
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
     generator = torch.Generator().manual_seed(seed)
-    params = tree_cast(params, torch.float64)
+    params = tree.cast(params, torch.float64)
     args = optree.tree_map(
         lambda a: a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a,
         args,
