@@ -1,10 +1,11 @@
 """funcaccum: exact, functional gradient accumulation on torch.func.
 
 A loss is a pure function ``loss_fn(params, batch)``; :func:`accumulate` splits
-the batch into microbatches, takes each one's gradient with
-:func:`torch.func.grad`, and folds them with an explicit reducer
-(:func:`mean`, :func:`clipped_mean`, :func:`adaptive`) into the exact
-large-batch gradient;
+the batch into microbatches, takes each one's gradient as a strategy says
+(:func:`scan`, :func:`vmap`, :func:`chunked`, :func:`ghost`, or your own
+:class:`Strategy`), and folds them with an explicit reducer (:func:`mean`,
+:func:`clipped_mean`, :func:`adaptive`) into the exact large-batch gradient;
+:class:`Accumulation` holds every option of an accumulation;
 :func:`train_step` composes that with an update rule from :mod:`funcaccum.optim`
 into one pure, compilable training step; :func:`save` and :func:`load` checkpoint it.
 Pytree arithmetic (``tree.add``, ``tree.global_norm``, ...) is in :mod:`funcaccum.tree`.
@@ -39,34 +40,32 @@ __version__ = "0.1.0"
 __all__ = [
     "Accumulated",
     "Accumulation",
-    "BatchControl",
-    "CarryRule",
-    "Control",
-    "Folder",
-    "GroupRunner",
-    "MicrobatchOutput",
-    "Strategy",
-    "chunked",
-    "scan",
-    "vmap",
     "AdaptiveBatching",
     "AdaptiveCarry",
     "AdaptiveState",
+    "BatchControl",
+    "CarryRule",
     "Checkpoint",
-    "EpochSummary",
     "ClippedMeanState",
+    "Control",
+    "EpochSummary",
     "FoldState",
+    "Folder",
     "FuncaccumError",
+    "GroupRunner",
     "Maximum",
     "MeanState",
     "MicrobatchGrads",
     "MicrobatchGroup",
+    "MicrobatchOutput",
     "Reducer",
     "StepParts",
+    "Strategy",
     "TrainState",
     "TrainStep",
     "accumulate",
     "adaptive",
+    "chunked",
     "clipped_mean",
     "distributed",
     "functional_model",
@@ -81,7 +80,9 @@ __all__ = [
     "run_epoch",
     "running_stats",
     "save",
+    "scan",
     "split_microbatches",
     "train_step",
     "tree",
+    "vmap",
 ]
