@@ -100,16 +100,11 @@ def _bar(show: bool, description: str, batches: Iterable[Any]) -> Iterator[Any]:
     if not show:
         yield lambda loss: None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress, TextColumn
 
     total = len(batches) if isinstance(batches, Sized) else None
-    columns = [
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-    ]
+    # rich's own columns (description, bar, percentage, time left) and the running loss.
+    columns = [*Progress.get_default_columns(), TextColumn("loss {task.fields[loss]}")]
     with Progress(*columns) as bar:
         task = bar.add_task(description, total=total, loss="-")
         yield lambda loss: bar.update(task, advance=1, loss=f"{loss:.4f}")

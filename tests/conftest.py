@@ -90,15 +90,25 @@ def free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def conv_bn_model() -> nn.Module:
-    """A float64 conv + batch norm classifier of 3 classes for (n, 2, 5, 5) images."""
+# The public modules: tests/test_api.py and tests/test_api_examples.py check each one's __all__.
+PUBLIC_MODULES = [
+    "funcaccum",
+    "funcaccum.optim",
+    "funcaccum.testing",
+    "funcaccum.distributed",
+    "funcaccum.tree",
+]
+
+
+def conv_bn_model(channels: int = 2, size: int = 5, classes: int = 3) -> nn.Module:
+    """A float64 conv + batch norm classifier for (n, channels, size, size) images."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=False),  # a bias before batch norm has no gradient
+        nn.Conv2d(channels, 4, 3, padding=1, bias=False),  # a bias before batch norm: no gradient
         nn.BatchNorm2d(4),
         nn.ReLU(),
         nn.Flatten(),
-        nn.Linear(4 * 5 * 5, 3),
+        nn.Linear(4 * size * size, classes),
     ).double()
 
 

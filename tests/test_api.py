@@ -7,16 +7,11 @@ import pkgutil
 import re
 from pathlib import Path
 
+from conftest import PUBLIC_MODULES
+
 import funcaccum
 
 ROOT = Path(__file__).resolve().parent.parent
-PUBLIC_MODULES = [
-    "funcaccum",
-    "funcaccum.optim",
-    "funcaccum.testing",
-    "funcaccum.distributed",
-    "funcaccum.tree",
-]
 
 
 def test_every_module_declares_all() -> None:

@@ -16,16 +16,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from conftest import PUBLIC_MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
-# Add a public module here and its __all__ is checked; one that does not import is skipped.
-MODULES = [
-    "funcaccum",
-    "funcaccum.optim",
-    "funcaccum.testing",
-    "funcaccum.distributed",
-    "funcaccum.tree",
-]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 DOCTEST = re.compile(r"^\s*(?:>>>|\.\.\.) ?(.*)$", re.MULTILINE)
 
@@ -44,13 +37,6 @@ def _doctest_code(module: ModuleType) -> str:
     return "\n".join(code)
 
 
-def _imported(name: str) -> ModuleType | None:
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        return None
-
-
 def _uses(code: str, name: str) -> bool:
     """``name`` used in ``code``: bare (imported by name) or through a module alias.
 
@@ -67,7 +53,7 @@ def _is_state_type(obj: object) -> bool:
     return isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")
 
 
-MODULE_OBJECTS = [m for m in map(_imported, MODULES) if m is not None]
+MODULE_OBJECTS = [importlib.import_module(name) for name in PUBLIC_MODULES]
 
 
 @pytest.mark.parametrize("module", MODULE_OBJECTS, ids=lambda m: m.__name__)
@@ -88,6 +74,3 @@ def test_every_public_name_has_a_runnable_example(module: ModuleType) -> None:
         missing.append(name)
     assert not missing, f"{module.__name__}: no runnable example for {missing}"
 
-
-def test_the_modules_exist() -> None:
-    assert {m.__name__ for m in MODULE_OBJECTS} >= set(MODULES[:4])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import conv_bn_model
 from torch import nn
 from torch.nn import functional
 from torch.utils.checkpoint import checkpoint
@@ -15,14 +16,7 @@ STEPS, LR = 5, 1e-2
 
 
 def bn_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1, bias=False),  # a bias before batch norm has no gradient
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, 5),
-    ).double()
+    return conv_bn_model(channels=3, size=6, classes=5)
 
 
 def image_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
