@@ -156,7 +156,7 @@ class Scan(NamedTuple):
                     state, model_state = carry
                     grads, out = folder.grad(params, model_state, microbatch, group.size)
                     new_carry = (folder.add(state, grads, out), out.model_state)
-                    return new_carry, tuple(out._replace(model_state=()))  # a plain tuple for scan
+                    return new_carry, (out.loss, out.weight, out.aux)  # a plain tuple for scan
 
                 (state, model_state), ys = _scan(body, (state, model_state), group.batch)
                 return state, MicrobatchOutput(*ys), model_state
@@ -167,7 +167,7 @@ class Scan(NamedTuple):
                 state = folder.add(state, grads, out)
                 # Each microbatch sees the model state the one before it left.
                 model_state = out.model_state
-                outputs.append(out._replace(model_state=()))
+                outputs.append(MicrobatchOutput(out.loss, out.weight, out.aux))
             return state, stack(outputs), model_state
 
         return run
@@ -217,7 +217,9 @@ def _chunk_runner(
         grads, out = under_vmap(batched, params, starts, chunk, size)
         if has_state:
             model_state = combine(model_state, out.model_state)
-        return folder.add(state, grads, out), out._replace(model_state=()), model_state
+        # The state is returned apart; torch 2.11's Dynamo cannot trace NamedTuple._replace.
+        outputs = MicrobatchOutput(out.loss, out.weight, out.aux)
+        return folder.add(state, grads, out), outputs, model_state
 
     compiled_step = folder.compile(chunk_step)
 

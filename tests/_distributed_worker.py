@@ -77,8 +77,12 @@ def shard(batch: dict, rank: int, sizes: list[int]) -> dict | None:
     return {k: v[start : start + sizes[rank]] for k, v in batch.items()}
 
 
-def gloo_threads(wait: float = 0.0) -> list[str]:
-    """Names of this process's threads that belong to gloo, polled for up to ``wait`` seconds."""
+def gloo_threads(wait: float = 0.0, *, until_present: bool = False) -> list[str]:
+    """Names of this process's threads that belong to gloo, polled for up to ``wait`` seconds.
+
+    Polled until there are none, or with ``until_present`` until there are some (torch 2.11
+    starts them a moment after the group).
+    """
     deadline = time.monotonic() + wait
     while True:
         names = []
@@ -88,7 +92,7 @@ def gloo_threads(wait: float = 0.0) -> list[str]:
             except OSError:  # the thread ended while we looked
                 continue
         found = sorted(name for name in names if "gloo" in name)
-        if not found or time.monotonic() >= deadline:
+        if bool(found) == until_present or time.monotonic() >= deadline:
             return found
         time.sleep(0.05)
 
@@ -118,7 +122,7 @@ def teardown(rank: int, world: int, ports: list[str], out: Path) -> None:
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
         )
-        result[f"{case}_running"] = gloo_threads()
+        result[f"{case}_running"] = gloo_threads(wait=5.0, until_present=True)
         if case != "funcaccum_first":
             # As if torch.distributed.nn.functional were first imported now, after the group
             # came up (a program that imports funcaccum late): its defaults capture the group.
