@@ -345,6 +345,12 @@ def ghost(module: nn.Module, *, chunk_size: int | None = None) -> Ghost:
         ...                    microbatch_size=1, strategy=vmap())
         >>> all(torch.allclose(lean.grads[k], plain.grads[k], atol=1e-6) for k in params)
         True
+
+    References:
+        Goodfellow, `Efficient Per-Example Gradient Computations
+        <https://arxiv.org/abs/1510.01799>`_, 2015;
+        Li et al., `Large Language Models Can Be Strong Differentially Private Learners
+        <https://arxiv.org/abs/2110.05679>`_, 2021
     """
     layers: dict[str, tuple[str, ...]] = {}
     owners: dict[int, list[str]] = {}

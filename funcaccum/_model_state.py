@@ -78,6 +78,10 @@ def running_stats(module: nn.Module) -> CombineStates:
         True
         >>> int(a["1.num_batches_tracked"])             # three microbatches, as the loop counts
         3
+
+    References:
+        Ioffe and Szegedy, `Batch Normalization: Accelerating Deep Network Training by
+        Reducing Internal Covariate Shift <https://arxiv.org/abs/1502.03167>`_, 2015
     """
     rules: dict[str, tuple[str, Any]] = {}
     for prefix, sub in module.named_modules():

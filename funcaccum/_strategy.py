@@ -77,9 +77,13 @@ class Strategy(Protocol):
                                 params, model_state, microbatch, group.size
                             )
                             state = folder.add(state, grads, out)
-                            outputs.insert(0, out)
-                        return state, funcaccum.stack(outputs), model_state
+                            model_state = out.model_state
+                            outputs.insert(0, out._replace(model_state=()))
+                        stacked = optree.tree_map(lambda *ys: torch.stack(ys), *outputs)
+                        return state, stacked, model_state
                     return run
+
+        docs/concepts.md ("Writing a strategy") runs this one with every reducer.
     """
 
     def build(self, folder: Folder) -> GroupRunner: ...
