@@ -13,7 +13,14 @@ from torch.func import vmap as _vmap
 from ._errors import FuncaccumError
 from ._fold import Folder, FoldState
 from ._mean import mean
-from ._microbatch import BatchDim, MicrobatchGroup, batch_dims, split_microbatches
+from ._microbatch import (
+    BatchDim,
+    MicrobatchGroup,
+    batch_dims,
+    batch_size,
+    plan_microbatches,
+    split_microbatches,
+)
 from ._reducer import Reducer, scalar_zeros
 from ._strategy import Randomness, Strategy, as_strategy, check_randomness, concat, under_vmap
 from ._tree import PyTree
@@ -136,15 +143,20 @@ class Accumulation:
         # The strategy checks what it cannot do (vmap with model state, ghost with aux) now.
         self.strategy.build(Folder(_no_loss, self))
 
+    def _split(self) -> dict[str, int | None]:
+        no_split = self.num_microbatches is None and self.microbatch_size is None
+        return {
+            "num_microbatches": 1 if no_split else self.num_microbatches,
+            "microbatch_size": self.microbatch_size,
+        }
+
+    def plan(self, batch: PyTree) -> tuple[tuple[int, int], ...]:
+        """The ``(count, size)`` groups ``batch`` splits into, checked, without touching data."""
+        return plan_microbatches(batch_size(batch, self.batch_dim), **self._split())
+
     def split(self, batch: PyTree) -> list[MicrobatchGroup]:
         """``batch`` in groups of equal-size microbatches (no split given: one microbatch)."""
-        no_split = self.num_microbatches is None and self.microbatch_size is None
-        return split_microbatches(
-            batch,
-            num_microbatches=1 if no_split else self.num_microbatches,
-            microbatch_size=self.microbatch_size,
-            batch_dim=self.batch_dim,
-        )
+        return split_microbatches(batch, **self._split(), batch_dim=self.batch_dim)
 
     def to_layout(self, microbatch: PyTree) -> PyTree:
         """A microbatch (examples leading, as split) back in the batch's own layout."""

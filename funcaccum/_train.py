@@ -258,7 +258,7 @@ class TrainStep:
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
         """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
         # Checked eagerly, so a malformed batch gets its plain error even when compiled.
-        self.accumulation.split(batch)
+        self.accumulation.plan(batch)
         state, metrics = self._step(self.parts(), state, batch)
         self.check_skips(state, metrics)
         return state, metrics

@@ -333,4 +333,4 @@ class DataParallel:
 
     def _microbatches(self, batch: PyTree) -> int:
         """How many microbatches (forward passes) the step splits ``batch`` into."""
-        return sum(group.count for group in self.step.accumulation.split(batch))
+        return sum(count for count, _ in self.step.accumulation.plan(batch))
