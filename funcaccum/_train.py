@@ -103,6 +103,8 @@ class TrainStep:
         self.compile = compile
         self.compile_update = compile_update
         self._parts: dict[tuple[bool, bool], StepParts] = {}
+        # Built now, not inside a caller's torch.compile of step(), which cannot create them.
+        self.parts(False, False)
 
     def _loss(self, params: PyTree, *args: PyTree) -> Any:
         """The user's loss on params cast to the compute dtype (``args``: [model_state,] batch)."""

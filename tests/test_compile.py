@@ -89,3 +89,24 @@ def test_train_step_compiles_matches_eager_and_never_recompiles(
         pytest.raises(RuntimeError, match="recompile"),
     ):
         compiled(state, on(device, classification_batch(28, torch.float32)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_train_step_compiles_whole_as_docs_say(device: str) -> None:
+    """``torch.compile(step.step, fullgraph=True)``, called first: one graph, the eager steps."""
+    params = on(device, mlp_params(torch.float32))
+    step = fa.train_step(
+        mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=fa.clipped_mean(0.5),
+        num_microbatches=5, max_consecutive_skips=None,
+    )  # fmt: skip
+    compiled = torch.compile(step.step, fullgraph=True)
+    got = want = step.init(params)
+    for seed in range(3):
+        batch = on(device, classification_batch(23, torch.float32, seed=seed))
+        # The first call compiles; the next ones reuse that graph.
+        with torch.compiler.set_stance("fail_on_recompile" if seed else "default"):
+            got, got_metrics = compiled(got, batch)
+        want, want_metrics = step.step(want, batch)
+    assert_trees_allclose(got.params, want.params, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got_metrics["loss"], want_metrics["loss"])
+    assert int(got.step) == 3
