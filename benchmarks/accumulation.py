@@ -65,7 +65,7 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     device, k, m = config["device"], config["k"], config["microbatch"]
     model, (x, y) = build(config)
 
-    # The seeds' loop (seed 003, "correct gradient accumulation"), with torch.optim.SGD.
+    # The hand-written loop of "What PyTorch code changes are needed?", with torch.optim.SGD.
     loop_model = copy.deepcopy(model)
     opt = torch.optim.SGD(loop_model.parameters(), lr=LEARNING_RATE)
 
@@ -88,14 +88,16 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
         optimizer=fa.optim.sgd(LEARNING_RATE),
         num_microbatches=k,
         strategy=fa.chunked(config["chunk"]) if chunked else config["strategy"],
-        compile=config["compiled"],
+        compile=config["compiled"] is True,
         max_consecutive_skips=None,  # no host sync per step, like the loop
     )
     state = step.init(params)
+    # "whole": the step compiled as one graph by the caller, the microbatch loop a scan.
+    run = torch.compile(step.step, fullgraph=True) if config["compiled"] == "whole" else step
 
     def funcaccum_step() -> None:
         nonlocal state
-        state, _ = step(state, (x, y))
+        state, _ = run(state, (x, y))
 
     result: dict[str, Any] = {"first_call_s": time_to_first_call(funcaccum_step, device)}
     repeat = config.get("repeat", 20)
@@ -112,6 +114,11 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
             eager_loop()
         result["loop_peak_mib"] = memory["mib"]
     return result
+
+
+def _mode(compiled: bool | str) -> str:
+    """eager, compiled (``compile=True``: the loss) or whole (``torch.compile(step.step)``)."""
+    return {False: "eager", True: "compiled", "whole": "whole compiled"}[compiled]
 
 
 def speed_configs(
@@ -139,7 +146,8 @@ def speed_configs(
         if models is not None and model not in models:
             continue
         for k in (k for k in model_ks if chosen_ks is None or k in chosen_ks):
-            for strategy, compiled in (("scan", False), ("scan", True), ("vmap", True)):
+            sides = (("scan", False), ("scan", True), ("scan", "whole"), ("vmap", True))
+            for strategy, compiled in sides:
                 configs.append(
                     {
                         "part": "speed",
@@ -206,7 +214,7 @@ def main() -> None:
             out = run_worker(__file__, config)
             print(json.dumps({**config, **out}), flush=True)
             results["speed"].append({**config, **out})
-            side = f"{config['strategy']} {'compiled' if config['compiled'] else 'eager'}"
+            side = f"{config['strategy']} {_mode(config['compiled'])}"
             rows.append(
                 [
                     config["model"],
