@@ -133,6 +133,14 @@ class Leaves:
         """Elementwise ``self / other``."""
         return self._apply(torch._foreach_div, torch.div, other)
 
+    def addmul(self, other: Leaves, factor: torch.Tensor) -> Leaves:
+        """Elementwise ``self + other * factor`` (a 0-d ``factor``) in one op, not two."""
+        n = len(self.tensors)
+        if any(torch._C._functorch.is_batchedtensor(x) for x in (*self.tensors, *other.tensors)):
+            pairs = zip(self.tensors, other.tensors, strict=True)
+            return Leaves([torch.addcmul(x, y, factor) for x, y in pairs])
+        return Leaves(torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n))
+
     def __neg__(self) -> Leaves:
         return self._apply(torch._foreach_neg, torch.neg)
 
