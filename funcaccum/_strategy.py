@@ -64,26 +64,16 @@ class Strategy(Protocol):
     into the state, and ``compile`` to compile a piece when the step does.
 
     Example:
-        A strategy that folds microbatches last to first (the sum is the
-        same; a user's own strategy could order, filter or log them)::
+        The smallest strategy, one that delegates (docs/concepts.md, "Writing
+        a strategy", has one that folds a group last to first)::
 
-            class Reversed(NamedTuple):
+            class Plain(NamedTuple):
                 def build(self, folder):
-                    def run(params, state, group, model_state):
-                        outputs = []
-                        for i in reversed(range(group.count)):
-                            microbatch = optree.tree_map(lambda x: x[i], group.batch)
-                            grads, out = folder.autograd(
-                                params, model_state, microbatch, group.size
-                            )
-                            state = folder.add(state, grads, out)
-                            model_state = out.model_state
-                            outputs.insert(0, out._replace(model_state=()))
-                        stacked = optree.tree_map(lambda *ys: torch.stack(ys), *outputs)
-                        return state, stacked, model_state
-                    return run
+                    return fa.scan().build(folder)
 
-        docs/concepts.md ("Writing a strategy") runs this one with every reducer.
+        A strategy of one's own usually loops over ``group.count``
+        microbatches, takes each gradient with ``folder.autograd`` (or
+        ``folder.grad`` under vmap) and folds it with ``folder.add``.
     """
 
     def build(self, folder: Folder) -> GroupRunner: ...
