@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -171,6 +172,18 @@ def test_assert_accumulation_exact_passes_correct_losses() -> None:
         sequence_batch(13),
         num_microbatches=4,
         has_weight=True,
+    )
+
+
+def test_assert_accumulation_exact_takes_strategy_objects_hashable_or_not() -> None:
+    @dataclasses.dataclass  # eq without frozen: unhashable, as a user's strategy may be
+    class Delegating:
+        def build(self, folder: fa.Folder) -> fa.GroupRunner:
+            return fa.scan().build(folder)
+
+    strategies = [Delegating(), fa.vmap(), fa.chunked(2), "scan"]
+    assert_accumulation_exact(
+        mlp_loss, mlp_params(), classification_batch(19), num_microbatches=4, strategies=strategies
     )
 
 

@@ -174,7 +174,8 @@ def assert_accumulation_exact(
     failures = []
     for strategy in strategies:
         result = accumulate(
-            loss_fn, params, batch, **split, strategy=_CHECKED.get(strategy, strategy),
+            loss_fn, params, batch, **split,
+            strategy=_CHECKED.get(strategy, strategy) if isinstance(strategy, str) else strategy,
             has_weight=has_weight,
         )  # fmt: skip
         error = _relative_error(result.grads, full)
