@@ -278,6 +278,10 @@ def adaptive(
             state.unit_count + (weights > 0).sum(),
         )
 
+    def passes(n: torch.Tensor, trace: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
+        """The exact norm test, ``n theta^2 G2 >= T``."""
+        return n * theta**2 * grad_sq >= trace
+
     def finalize(state: AdaptiveState) -> tuple[PyTree, dict[str, torch.Tensor]]:
         check_state(state, AdaptiveState, owner="adaptive()", role="finalize")
         n, k = state.weight_sum, state.unit_count
@@ -286,7 +290,7 @@ def adaptive(
         return tree.scale(state.grad_sum, 1 / n), {
             "noise_trace": trace,
             "grad_sq": grad_sq,
-            "ready": n * theta**2 * grad_sq >= trace,  # reported; ready() is what is read
+            "ready": passes(n, trace, grad_sq),  # reported; ready() is what is read
             "weight": n,
             "units": k,
             **outputs._asdict(),
@@ -320,8 +324,7 @@ def adaptive(
         return new_carry, reported, Control(outputs.step_scale, carry.progress)
 
     def ready(state: AdaptiveState) -> torch.Tensor:
-        trace, grad_sq = noise_statistics(state)
-        return state.weight_sum * theta**2 * grad_sq >= trace
+        return passes(state.weight_sum, *noise_statistics(state))
 
     merge = typed_merge(AdaptiveState, "adaptive()")
     return Reducer(
