@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import optree
@@ -11,7 +10,7 @@ import torch
 from torch.func import vmap as _vmap
 
 from ._errors import FuncaccumError
-from ._fold import Folder, FoldState
+from ._fold import Folder, FoldState, LossFn
 from ._mean import mean
 from ._microbatch import (
     BatchDim,
@@ -34,7 +33,6 @@ __all__ = [
     "microbatch_grads",
 ]
 
-LossFn = Callable[..., Any]
 
 
 class Accumulated(NamedTuple):

@@ -16,7 +16,7 @@ from ._tree import PyTree
 if TYPE_CHECKING:
     from ._accumulate import Accumulation
 
-__all__ = ["FoldState", "Folder", "MicrobatchOutput", "compiled"]
+__all__ = ["FoldState", "Folder", "LossFn", "MicrobatchOutput", "compiled"]
 
 LossFn = Callable[..., Any]
 
