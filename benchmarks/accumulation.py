@@ -86,10 +86,12 @@ def worker(config: dict[str, Any]) -> dict[str, Any]:
     step = fa.train_step(
         loss_fn,
         optimizer=fa.optim.sgd(LEARNING_RATE),
-        num_microbatches=k,
-        strategy=fa.chunked(config["chunk"]) if chunked else config["strategy"],
         compile=config["compiled"] is True,
-        max_consecutive_skips=None,  # no host sync per step, like the loop
+        max_consecutive_skips=None,
+        accumulation=fa.Accumulation(
+            num_microbatches=k,
+            strategy=fa.chunked(config["chunk"]) if chunked else config["strategy"],
+        ),
     )
     state = step.init(params)
     # "whole": the step compiled as one graph by the caller, the microbatch loop a scan.

@@ -64,10 +64,18 @@ def run(kind: str, k: int, device: str) -> dict[str, Any]:
     loss_fn, params, data, g = problem(device)
     stream = microbatches(data, g)
     if kind == "fixed":
-        step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(LR), num_microbatches=k)
+        step = fa.train_step(
+            loss_fn,
+            optimizer=fa.optim.sgd(LR),
+            accumulation=fa.Accumulation(num_microbatches=k),
+        )
     else:
         reducer = fa.adaptive(base_batch_size=2 * MICROBATCH, k_max=64)
-        step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(LR), reducer=reducer)
+        step = fa.train_step(
+            loss_fn,
+            optimizer=fa.optim.sgd(LR),
+            accumulation=fa.Accumulation(reducer=reducer),
+        )
         runner = fa.AdaptiveBatching(step)
     state = step.init(params)
     examples, reached = 0, None
@@ -79,8 +87,8 @@ def run(kind: str, k: int, device: str) -> dict[str, Any]:
             state, metrics = step(state, batch)
         else:
             state, metrics = runner(state, stream)
-            ks.append(metrics["k"])
-        examples += int(metrics["weight"])
+            ks.append(metrics.microbatches)
+        examples += int(metrics.weight)
         if int(state.step) % 5 == 0:
             full = float(loss_fn(state.params, (data["x"], data["y"])))
             if full <= TARGET and reached is None:
@@ -122,10 +130,9 @@ def overhead(device: str) -> dict[str, dict[str, float]]:
             step = fa.train_step(
                 loss_fn,
                 optimizer=fa.optim.sgd(LR),
-                reducer=reducer,
-                num_microbatches=8,
                 compile=True,
                 max_consecutive_skips=None,
+                accumulation=fa.Accumulation(reducer=reducer, num_microbatches=8),
             )
             state = [step.init(params)]
 

@@ -37,7 +37,11 @@ def worker(config: dict[str, Any]) -> dict[str, float]:
     n = config["microbatch"] * config["k"]
     tokens = torch.randint(config["vocab"], (n, config["ctx"] + 1), device=device)
     batch = (tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
-    step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(1e-4), num_microbatches=config["k"])
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.adamw(1e-4),
+        accumulation=fa.Accumulation(num_microbatches=config["k"]),
+    )
     state, _ = step(step.init(params), batch)  # warm-up: allocations made once
     synchronize(device)
     with peak_memory(device) as peak:

@@ -95,9 +95,13 @@ def measure(sizes: tuple[int, ...], rank: int) -> dict[str, Any]:
 
     for compiled in (False, True):
         step = fa.train_step(
-            loss_fn, optimizer=fa.optim.adamw(LR), num_microbatches=K, max_consecutive_skips=None
+            loss_fn,
+            optimizer=fa.optim.adamw(LR),
+            max_consecutive_skips=None,
+            accumulation=fa.Accumulation(num_microbatches=K),
+            compile=compiled,
         )
-        parallel = fa.distributed.DataParallel(step, compile=compiled)
+        parallel = fa.distributed.DataParallel(step)
         state = [parallel.init(params)]
 
         def funcaccum_step(parallel: Any = parallel, state: list = state) -> None:

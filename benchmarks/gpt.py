@@ -141,10 +141,11 @@ def torch_side(config: dict[str, Any], side: str) -> Step:
         step = fa.train_step(
             loss_fn,
             optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-            num_microbatches=k,
-            strategy=fa.chunked(2) if strategy == "chunked" else strategy,
             compute_dtype=torch.bfloat16 if bf16 else None,
             compile=not side.endswith("_eager"),
+            accumulation=fa.Accumulation(
+                num_microbatches=k, strategy=fa.chunked(2) if strategy == "chunked" else strategy
+            ),
         )
         state = [step.init(params)]
 

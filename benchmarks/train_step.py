@@ -90,10 +90,9 @@ def torch_sides(config: dict[str, Any]) -> dict[str, Step]:
         step = fa.train_step(
             loss_fn,
             optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
-            num_microbatches=k,
-            strategy=strategy,
             compile=True,
             max_consecutive_skips=None,
+            accumulation=fa.Accumulation(num_microbatches=k, strategy=strategy),
         )
         state = [step.init(params)]
 

@@ -3,61 +3,31 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import optree
 import torch
-from torch.func import vmap as _vmap
 
+from . import _fold
+from ._compile import CompileMode
 from ._errors import FuncaccumError
-from ._fold import Folder, FoldState, LossFn
+from ._fold import Accumulated, Folded, FoldState, LossSpec
+from ._folder import Folder, LossFn, Randomness, check_randomness
 from ._mean import mean
-from ._microbatch import (
-    BatchDim,
-    MicrobatchGroup,
-    batch_dims,
-    batch_size,
-    plan_microbatches,
-    split_microbatches,
-)
-from ._reducer import Reducer, scalar_zeros
-from ._strategy import Randomness, Strategy, as_strategy, check_randomness, concat, under_vmap
+from ._microbatch import BatchDim, MicrobatchGroup, batch_size, plan_microbatches
+from ._microbatch import split_microbatches as _split_microbatches
+from ._reducer import Reducer
+from ._strategy import GroupRunner, Strategy, as_strategy, concat
 from ._tree import PyTree
 from ._validate import check_bool, check_int
 
 __all__ = [
-    "Accumulated",
     "Accumulation",
     "MicrobatchGrads",
+    "Runner",
     "accumulate",
     "microbatch_grads",
 ]
-
-
-
-class Accumulated(NamedTuple):
-    """What :func:`accumulate` and :meth:`Accumulation.finalize` return.
-
-    Attributes:
-        grads: the reduced gradient, shaped like the params, in the
-            accumulation dtype (at least float32).
-        loss: the exact weighted mean loss of the whole batch,
-            ``sum_i w_i L_i / sum_i w_i`` (not the last microbatch's).
-        weight: ``sum_i w_i``: examples, or valid tokens for a weighted loss.
-        stats: the reducer's statistics (clip fraction, norms, ...), reported only.
-        aux: the loss's auxiliary outputs stacked along a leading microbatch
-            axis, or None.
-    """
-
-    grads: PyTree
-    loss: torch.Tensor
-    weight: torch.Tensor
-    stats: dict[str, torch.Tensor]
-    aux: PyTree = None
-
-
-def _no_loss(*args: Any) -> Any:  # pragma: no cover - never called: strategies build lazily
-    raise AssertionError("a strategy called the loss while it was being built")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +37,17 @@ class Accumulation:
     The same object carries its reducer from :meth:`init` through
     :meth:`fold` and :meth:`merge` to :meth:`finalize`, so a state is never
     finished by another reducer than the one that filled it.
-    :func:`accumulate` and :func:`~funcaccum.train_step` take the same
-    options as keywords and build one.
+    :func:`~funcaccum.train_step` takes one (``accumulation=``);
+    :func:`accumulate` builds one from its keywords. Whether the strategy can
+    run the loss (``vmap()`` with ``has_state``, ``ghost()`` with aux) is
+    checked when the two meet: when a step is built, or at the first fold.
 
     Args:
         reducer: how microbatch gradients combine; default :func:`~funcaccum.mean`.
         strategy: how microbatch gradients are computed: :func:`~funcaccum.scan`
             (the default, one at a time), :func:`~funcaccum.vmap`,
             :func:`~funcaccum.chunked`, :func:`~funcaccum.ghost`, a
-            :class:`~funcaccum.Strategy` of your own, or the shorthand
+            :class:`~funcaccum.extend.Strategy` of your own, or the shorthand
             ``"scan"`` / ``"vmap"``.
         num_microbatches: split into ``K`` microbatches as evenly as possible.
         microbatch_size: split into microbatches of ``m``, the last one partial.
@@ -87,7 +59,7 @@ class Accumulation:
         has_state: ``loss_fn(params, model_state, microbatch)`` returns
             ``(out, new_model_state)``: batch norm's running statistics, each
             microbatch seeing the state the one before it left (needs
-            :func:`~funcaccum.scan`).
+            :func:`~funcaccum.scan`, or a ``model_state`` combine under vmap).
         batch_dim: where each batch leaf holds its examples: 0 (leading), an
             int for every leaf, or a pytree prefix of ints (``(1, 0)`` for a
             sequence-first ``(T, N)`` tensor next to an ``(N,)`` one). The
@@ -138,15 +110,11 @@ class Accumulation:
             check_bool(flag, getattr(self, flag))
         for dim in optree.tree_leaves(self.batch_dim):
             check_int("batch_dim", dim)
-        # The strategy checks what it cannot do (vmap with model state, ghost with aux) now.
-        self.strategy.build(Folder(_no_loss, self))
 
-    def _split(self) -> dict[str, int | None]:
-        no_split = self.num_microbatches is None and self.microbatch_size is None
-        return {
-            "num_microbatches": 1 if no_split else self.num_microbatches,
-            "microbatch_size": self.microbatch_size,
-        }
+    @property
+    def spec(self) -> LossSpec:
+        """What the loss returns and how its batch is laid out."""
+        return LossSpec(self.has_aux, self.has_weight, self.has_state, self.batch_dim)
 
     def plan(self, batch: PyTree) -> tuple[tuple[int, int], ...]:
         """The ``(count, size)`` groups ``batch`` splits into, checked, without touching data."""
@@ -154,32 +122,29 @@ class Accumulation:
 
     def split(self, batch: PyTree) -> list[MicrobatchGroup]:
         """``batch`` in groups of equal-size microbatches (no split given: one microbatch)."""
-        return split_microbatches(batch, **self._split(), batch_dim=self.batch_dim)
+        return _split_microbatches(batch, **self._split(), batch_dim=self.batch_dim)
 
-    def to_layout(self, microbatch: PyTree) -> PyTree:
-        """A microbatch (examples leading, as split) back in the batch's own layout."""
-        if self.batch_dim == 0:
-            return microbatch
-        dims = batch_dims(microbatch, self.batch_dim)
-        return optree.tree_map(lambda x, d: x.movedim(0, d), microbatch, dims)
+    def _split(self) -> dict[str, int | None]:
+        if self.num_microbatches is None and self.microbatch_size is None:
+            return {"num_microbatches": 1, "microbatch_size": None}
+        return {"num_microbatches": self.num_microbatches, "microbatch_size": self.microbatch_size}
 
-    def folder(
-        self, loss_fn: LossFn, *, compile: bool = False, compile_update: bool = False
-    ) -> _Run:
-        """The :class:`~funcaccum.Folder` for ``loss_fn``, with this strategy's runner built.
+    def runner(self, loss_fn: LossFn, *, compile: CompileMode | None = None) -> Runner:
+        """A :class:`~funcaccum.extend.Runner` that folds whole batches of ``loss_fn``.
 
-        With ``compile`` the pieces the strategy compiles (the loss, or the
-        vmapped chunk) are compiled; with ``compile_update`` also the add into
-        the state. Build it once and call its ``fold`` every step.
+        Its strategy is built now, so a strategy that cannot run this loss
+        refuses here. ``compile`` says which pieces are compiled
+        (:data:`~funcaccum.extend.CompileMode`; ``"step"`` compiles none, the
+        caller traces the whole).
         """
-        return _Run(loss_fn, self, compile=compile, compile_update=compile_update)
+        return Runner(loss_fn, self, compile=compile)
 
     def init(self, params: PyTree) -> FoldState:
-        """An empty :class:`~funcaccum.FoldState` for ``params``: what :meth:`fold` starts from.
+        """An empty :class:`~funcaccum.extend.FoldState` for ``params``, for :meth:`fold`.
 
         A process with no examples in a step contributes this to the merge.
         """
-        return FoldState(self.reducer.init(params), *scalar_zeros(params, 2))
+        return _fold.init(self.reducer, params)
 
     def fold(
         self, loss_fn: LossFn, params: PyTree, batch: PyTree, state: FoldState | None = None
@@ -188,41 +153,75 @@ class Accumulation:
 
         Use it when microbatches arrive one loader batch at a time; merge
         partial states (other chunks, other processes) with :meth:`merge` and
-        finish with :meth:`finalize`.
+        finish with :meth:`finalize`. A loss with model state goes through
+        :meth:`TrainStep.fold <funcaccum.TrainStep.fold>`, which returns it.
         """
-        return self.folder(loss_fn).fold(params, batch, state)[0]
+        if self.has_state:
+            raise FuncaccumError(
+                "Accumulation.fold drops the model state a has_state loss leaves; fold with "
+                "TrainStep.fold, which returns it, or with runner(loss_fn).fold"
+            )
+        return (
+            self.runner(loss_fn).fold(params, batch, None if state is None else Folded(state)).state
+        )
 
     def merge(self, a: FoldState, b: FoldState) -> FoldState:
         """Merge two partial states of this accumulation (from chunks, or processes)."""
-        return FoldState(
-            self.reducer.merge(a.reducer, b.reducer),
-            a.loss_sum + b.loss_sum,
-            a.weight_sum + b.weight_sum,
-        )
+        return _fold.merge(self.reducer, a, b)
 
     def finalize(self, state: FoldState, aux: PyTree = None) -> Accumulated:
         """The reduced gradient, the exact mean loss and the stats of a folded ``state``."""
-        grads, stats = self.reducer.finalize(state.reducer)
-        return Accumulated(grads, state.loss_sum / state.weight_sum, state.weight_sum, stats, aux)
+        return _fold.finalize(self.reducer, state, aux)
 
 
-class _Run(Folder):
-    """A :class:`Folder` with its strategy built: folds whole batches."""
+class Runner:
+    """An :class:`~funcaccum.Accumulation` bound to a loss, its strategy built: folds whole batches.
 
-    def __init__(self, loss_fn: LossFn, options: Accumulation, **compile: bool) -> None:
-        super().__init__(loss_fn, options, **compile)
-        self.run_group = options.strategy.build(self)
+    From :meth:`Accumulation.runner`. :meth:`fold` is pure; the drivers
+    (:class:`~funcaccum.TrainStep`, :func:`accumulate`) call it every step.
+
+    Attributes:
+        accumulation: the options.
+        folder: the :class:`~funcaccum.extend.Folder` the strategy was built with.
+    """
+
+    def __init__(
+        self, loss_fn: LossFn, accumulation: Accumulation, *, compile: CompileMode | None = None
+    ) -> None:
+        self.accumulation = accumulation
+        self.folder = Folder(loss_fn, accumulation.reducer, accumulation.spec, compile=compile)
+        strategy = accumulation.strategy
+        assert not isinstance(strategy, str)  # made a Strategy in Accumulation.__post_init__
+        run = strategy.build(self.folder)
+        if not callable(run):
+            raise FuncaccumError(
+                f"{type(strategy).__name__}.build(folder) must return run(params, state, group, "
+                f"model_state), a function; it returned {type(run).__name__}"
+            )
+        self.run_group: GroupRunner = run
 
     def fold(
-        self, params: PyTree, batch: PyTree, state: FoldState | None, model_state: PyTree = ()
-    ) -> tuple[FoldState, Any, PyTree]:
-        """Fold ``batch``: returns the state, the stacked aux (or None), the model state."""
-        state = self.options.init(params) if state is None else state
-        outputs = []
-        for group in self.options.split(batch):
+        self,
+        params: PyTree,
+        batch: PyTree,
+        folded: Folded | None = None,
+        *,
+        model_state: PyTree = (),
+    ) -> Folded:
+        """Fold ``batch`` into ``folded`` (None: a new fold from ``model_state``).
+
+        Returns the sums, the model state the last microbatch left, and the
+        stacked aux (after ``folded``'s, with ``has_aux``).
+        """
+        accumulation = self.accumulation
+        if folded is None:
+            folded = Folded(accumulation.init(params), model_state)
+        state, model_state = folded.state, folded.model_state
+        outputs: list[PyTree] = [] if folded.aux is None else [folded.aux]
+        for group in accumulation.split(batch):
             state, out, model_state = self.run_group(params, state, group, model_state)
             outputs.append(out.aux)
-        return state, concat(outputs) if self.options.has_aux else None, model_state
+        return Folded(state, model_state, concat(outputs) if accumulation.has_aux else None)
 
 
 def accumulate(
@@ -243,7 +242,8 @@ def accumulate(
     With the default :func:`mean` reducer the result is the gradient of the
     whole batch's weighted mean loss, exactly (up to float rounding), for any
     split: uneven microbatches, a partial last one, or token-weighted losses
-    whose microbatches hold different numbers of valid tokens.
+    whose microbatches hold different numbers of valid tokens. The keywords
+    are :class:`Accumulation`'s fields, which this builds.
 
     Args:
         loss_fn: ``loss_fn(params, microbatch)``, pure, returning the mean loss
@@ -260,7 +260,7 @@ def accumulate(
         batch_dim: as for :class:`Accumulation`.
 
     Returns:
-        :class:`Accumulated` ``(grads, loss, weight, stats, aux)``.
+        :class:`~funcaccum.Accumulated` ``(grads, loss, weight, stats, aux)``.
 
     Raises:
         FuncaccumError: bad options, a malformed batch (see
@@ -283,8 +283,8 @@ def accumulate(
         num_microbatches=num_microbatches, microbatch_size=microbatch_size, has_aux=has_aux,
         has_weight=has_weight, batch_dim=batch_dim,
     )  # fmt: skip
-    state, aux, _ = options.folder(loss_fn).fold(params, batch, None)
-    return options.finalize(state, aux)
+    folded = options.runner(loss_fn).fold(params, batch)
+    return options.finalize(folded.state, folded.aux)
 
 
 class MicrobatchGrads(NamedTuple):
@@ -333,14 +333,11 @@ def microbatch_grads(
         num_microbatches=num_microbatches, microbatch_size=microbatch_size, has_aux=has_aux,
         has_weight=has_weight, batch_dim=batch_dim,
     )  # fmt: skip
-    batched = _vmap(
-        Folder(loss_fn, options).grad,
-        in_dims=(None, None, 0, None),
-        randomness=check_randomness(randomness),
+    folder = Folder(loss_fn, options.reducer, options.spec)
+    batched = folder.vmap(
+        folder.value_and_grad, (None, None, 0, None), check_randomness(randomness)
     )
-    outputs = [
-        under_vmap(batched, params, (), group.batch, group.size) for group in options.split(batch)
-    ]
-    grads, out = concat(outputs)
+    grads, out = concat(
+        [batched(params, (), group.batch, group.size) for group in options.split(batch)]
+    )
     return MicrobatchGrads(grads, out.loss, out.weight, out.aux if has_aux else None)
-

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -24,6 +24,7 @@ from ._validate import check_dtype, check_int, check_real, check_state
 __all__ = [
     "AdaptiveCarry",
     "AdaptiveState",
+    "AdaptiveStats",
     "StepOutputs",
     "adaptive",
     "noise_statistics",
@@ -56,7 +57,7 @@ class AdaptiveState(NamedTuple):
         >>> reducer = fa.adaptive()
         >>> state = reducer.init({"w": torch.zeros(2)})
         >>> state = reducer.update(state, {"w": torch.tensor([1.0, 0.0])}, torch.tensor(4.0))
-        >>> isinstance(state, fa.AdaptiveState), state.weight_sum, state.unit_count
+        >>> isinstance(state, fa.extend.AdaptiveState), state.weight_sum, state.unit_count
         (True, tensor(4., dtype=torch.float64), tensor(1., dtype=torch.float64))
     """
 
@@ -72,7 +73,7 @@ class AdaptiveCarry(NamedTuple):
     Example:
         >>> import funcaccum as fa
         >>> carry = fa.adaptive().carry.init({"w": torch.zeros(2)})  # also TrainState.reducer_carry
-        >>> isinstance(carry, fa.AdaptiveCarry), carry.progress, carry.suggested_k
+        >>> isinstance(carry, fa.extend.AdaptiveCarry), carry.progress, carry.suggested_k
         (True, tensor(0., dtype=torch.float64), tensor(2., dtype=torch.float64))
     """
 
@@ -100,7 +101,7 @@ def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
         >>> state = reducer.init({"w": torch.zeros(2)})
         >>> for g in ([1.0, 0.0], [3.0, 0.0]):
         ...     state = reducer.update(state, {"w": torch.tensor(g)}, torch.tensor(4.0))
-        >>> fa.noise_statistics(state)                  # T = 8 / 1, G2 = 4 - 8 / 8
+        >>> fa.extend.noise_statistics(state)           # T = 8 / 1, G2 = 4 - 8 / 8
         (tensor(8., dtype=torch.float64), tensor(3., dtype=torch.float64))
     """
     n, k = state.weight_sum, state.unit_count
@@ -108,6 +109,44 @@ def noise_statistics(state: AdaptiveState) -> tuple[torch.Tensor, torch.Tensor]:
     scatter = sum(optree.tree_leaves(state.square_sum)) - n * mean_sq
     trace = scatter / (k - 1)
     return trace, mean_sq - trace / n
+
+
+class AdaptiveStats(NamedTuple):
+    """Statistics of :func:`adaptive` (see there for what each means).
+
+    Attributes:
+        noise_trace: this step's raw ``T``, the per-example gradient noise ``tr(Sigma)``.
+        grad_sq: this step's raw ``G2``, the squared true gradient ``|G|^2``.
+        ready: this step's norm test, ``n theta^2 G2 >= T``.
+        weight: ``n``, the step's summed weight.
+        units: ``k``, its microbatches with nonzero weight.
+        noise_scale: ``B = T / G2`` (from the carry's EMA in a training step).
+        step_scale: the AdaScale gain ``r``.
+        efficiency: ``r B0 / n``.
+        suggested_k: the microbatch count that would pass the norm test.
+        progress: ``tau`` before this step, the sum of the gains (0 without a carry).
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.adaptive()
+        >>> state = reducer.init({"w": torch.zeros(2)})
+        >>> for g in ([1.0, 0.0], [3.0, 0.0]):
+        ...     state = reducer.update(state, {"w": torch.tensor(g)}, torch.tensor(4.0))
+        >>> _, stats = reducer.finalize(state)
+        >>> isinstance(stats, fa.extend.AdaptiveStats), stats.noise_trace.item(), stats.units.item()
+        (True, 8.0, 2.0)
+    """
+
+    noise_trace: torch.Tensor
+    grad_sq: torch.Tensor
+    ready: torch.Tensor
+    weight: torch.Tensor
+    units: torch.Tensor
+    noise_scale: torch.Tensor
+    step_scale: torch.Tensor
+    efficiency: torch.Tensor
+    suggested_k: torch.Tensor
+    progress: torch.Tensor
 
 
 class StepOutputs(NamedTuple):
@@ -232,9 +271,9 @@ def adaptive(
         >>> batch = torch.randn(4096, 4, generator=g, dtype=torch.float64) + 3.0  # (n, d)
         >>> result = accumulate(loss_fn, params, batch, reducer=adaptive(), num_microbatches=64)
         >>> stats = result.stats                        # the truth: tr(Sigma) = 4, |G|^2 = 36
-        >>> round(stats["noise_trace"].item(), 2), round(stats["grad_sq"].item(), 2)
+        >>> round(stats.noise_trace.item(), 2), round(stats.grad_sq.item(), 2)
         (3.66, 35.52)
-        >>> round(stats["noise_scale"].item(), 3), bool(stats["ready"])   # B = T / G2
+        >>> round(stats.noise_scale.item(), 3), bool(stats.ready)   # B = T / G2
         (0.103, True)
 
     References:
@@ -255,24 +294,29 @@ def adaptive(
         raise FuncaccumError(f"need 2 <= k_min <= k_max, got k_min={k_min}, k_max={k_max}")
     check_real("decay", decay, low=0, high=1, low_inclusive=False, high_inclusive=False)
     check_dtype("accum_dtype", accum_dtype, allow_none=False)
-    options = {"base_batch_size": base_batch_size, "theta": theta, "k_min": k_min, "k_max": k_max}
-    stats = stats_dtype(accum_dtype)
+    options: dict[str, Any] = {
+        "base_batch_size": base_batch_size,
+        "theta": theta,
+        "k_min": k_min,
+        "k_max": k_max,
+    }
+    scalars = stats_dtype(accum_dtype)
 
     def init(params: PyTree) -> AdaptiveState:
-        squares = optree.tree_map(lambda p: torch.zeros((), dtype=stats, device=p.device), params)
-        n, k = scalar_zeros(params, 2, stats)
+        squares = optree.tree_map(lambda p: torch.zeros((), dtype=scalars, device=p.device), params)
+        n, k = scalar_zeros(params, 2, scalars)
         return AdaptiveState(accumulator_like(params, accum_dtype), squares, n, k)
 
     def update(state: AdaptiveState, grads: PyTree, weight: torch.Tensor) -> AdaptiveState:
         check_state(state, AdaptiveState, owner="adaptive()", role="update")
         units, weights = as_units(grads, weight)
-        weights = weights.to(stats)
+        weights = weights.to(scalars)
 
         def weighted_squares(total: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-            return total + torch.dot(weights, unit_squared_norms(g, sum_dtype=stats))
+            return total + torch.dot(weights, unit_squared_norms(g, sum_dtype=scalars))
 
         return AdaptiveState(
-            tree.add_weighted(state.grad_sum, grads, weight.to(stats)),
+            tree.add_weighted(state.grad_sum, grads, weight.to(scalars)),
             optree.tree_map(weighted_squares, state.square_sum, units),
             state.weight_sum + weights.sum(),
             state.unit_count + (weights > 0).sum(),
@@ -282,29 +326,24 @@ def adaptive(
         """The exact norm test, ``n theta^2 G2 >= T``."""
         return n * theta**2 * grad_sq >= trace
 
-    def finalize(state: AdaptiveState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+    def finalize(state: AdaptiveState) -> tuple[PyTree, AdaptiveStats]:
         check_state(state, AdaptiveState, owner="adaptive()", role="finalize")
         n, k = state.weight_sum, state.unit_count
         trace, grad_sq = noise_statistics(state)
         outputs = step_outputs(trace, grad_sq, n, k, **options)
-        return tree.scale(state.grad_sum, 1 / n), {
-            "noise_trace": trace,
-            "grad_sq": grad_sq,
-            "ready": passes(n, trace, grad_sq),  # reported; ready() is what is read
-            "weight": n,
-            "units": k,
-            **outputs._asdict(),
-        }
+        reported = AdaptiveStats(
+            trace, grad_sq, passes(n, trace, grad_sq), n, k, *outputs, torch.zeros_like(n)
+        )
+        return tree.scale(state.grad_sum, 1 / n), reported
 
     def init_carry(params: PyTree) -> AdaptiveCarry:
-        *emas, progress, suggested_k = scalar_zeros(params, 5, stats)
-        return AdaptiveCarry(*emas, progress, suggested_k + k_min)
+        trace_ema, grad_sq_ema, ema_weight, progress, suggested_k = scalar_zeros(params, 5, scalars)
+        return AdaptiveCarry(trace_ema, grad_sq_ema, ema_weight, progress, suggested_k + k_min)
 
     def update_carry(
-        carry: AdaptiveCarry, stats: dict[str, torch.Tensor]
-    ) -> tuple[AdaptiveCarry, dict[str, torch.Tensor], Control]:
-        trace, grad_sq = stats["noise_trace"], stats["grad_sq"]
-        n, k = stats["weight"], stats["units"]
+        carry: AdaptiveCarry, stats: AdaptiveStats
+    ) -> tuple[AdaptiveCarry, AdaptiveStats, Control]:
+        trace, grad_sq, n, k = stats.noise_trace, stats.grad_sq, stats.weight, stats.units
         valid = torch.isfinite(trace) & torch.isfinite(grad_sq) & (k >= 2)
         beta = torch.where(valid, torch.full_like(k, decay) ** k, torch.ones_like(k))
         zero = torch.zeros_like(trace)
@@ -320,7 +359,9 @@ def adaptive(
             carry.progress + outputs.step_scale,
             outputs.suggested_k,
         )
-        reported = {**stats, **outputs._asdict(), "progress": carry.progress}
+        reported = AdaptiveStats(
+            trace, grad_sq, stats.ready, n, k, *outputs, carry.progress
+        )
         return new_carry, reported, Control(outputs.step_scale, carry.progress)
 
     def ready(state: AdaptiveState) -> torch.Tensor:

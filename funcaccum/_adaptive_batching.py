@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
+from ._compile import compiled
 from ._errors import FuncaccumError
-from ._fold import compiled
-from ._train import Metrics, TrainState, TrainStep
+from ._fold import Folded
+from ._train import StepMetrics, TrainState, TrainStep
 from ._tree import PyTree
 from ._validate import check_int
 
@@ -16,13 +17,17 @@ __all__ = ["AdaptiveBatching"]
 Controller = Literal["predictive", "sequential"]
 
 
+class _ExhaustedError(FuncaccumError):
+    """No microbatch was left for a step."""
+
+
 class AdaptiveBatching:
     """Run a training step whose number of microbatches K follows the gradient noise.
 
     Each call pulls microbatches from an iterator, folds them one at a time
-    into the step's reducer state with :meth:`TrainStep.fold` (compiled once,
-    for one microbatch shape, whatever K), then applies the update once with
-    :meth:`TrainStep.apply`. The step's reducer must be
+    into the step's reducer state with :meth:`TrainStep.fold` (compiled as
+    the step says, once for one microbatch shape, whatever K), then applies
+    the update once with :meth:`TrainStep.apply`. The step's reducer must be
     :func:`~funcaccum.adaptive`, which owns ``k_min`` and ``k_max`` and
     decides through its :class:`~funcaccum.BatchControl`. The controller runs
     here, in Python, outside the compiled functions:
@@ -41,29 +46,32 @@ class AdaptiveBatching:
 
     When the iterator runs out mid-step, the step is taken with the
     microbatches it has (weighted exactly); a call with none left raises
-    :class:`StopIteration`. Non-finite steps are skipped and counted as in
-    :class:`TrainStep`, and the step's ``max_consecutive_skips`` stops the run.
+    :class:`~funcaccum.FuncaccumError`, and :meth:`steps` runs steps until
+    the microbatches run out. Non-finite steps are skipped and
+    counted as in :class:`TrainStep`, and the step's
+    ``max_consecutive_skips`` stops the run. ``metrics.microbatches`` says
+    how many microbatches a step took.
 
     Args:
-        step: a :class:`TrainStep` built with ``reducer=adaptive(...)``.
+        step: a :class:`TrainStep` built with an ``Accumulation(reducer=adaptive(...))``.
         controller: ``"predictive"`` or ``"sequential"``.
         k_initial: K for the first step (predictive); default the reducer's
             ``k_min``.
-        compile: compile :meth:`TrainStep.fold` and :meth:`TrainStep.apply`.
 
     Example:
         >>> import torch
-        >>> from funcaccum import adaptive, optim, train_step
+        >>> import funcaccum as fa
         >>> def loss_fn(params, batch):
         ...     return 0.5 * torch.sum((params["w"] - batch) ** 2, dim=-1).mean()
-        >>> reducer = adaptive(k_min=2, k_max=16)
-        >>> step = train_step(loss_fn, optimizer=optim.sgd(0.1), reducer=reducer)
+        >>> reducer = fa.adaptive(k_min=2, k_max=16)
+        >>> step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1),
+        ...                      accumulation=fa.Accumulation(reducer=reducer))
         >>> runner = AdaptiveBatching(step)
         >>> state = step.init({"w": torch.zeros(3)})
         >>> microbatches = iter(torch.randn(400, 8, 3) + 1.0)       # (microbatches, m, d)
         >>> for _ in range(5):
         ...     state, metrics = runner(state, microbatches)
-        >>> 2 <= metrics["k"] <= 16
+        >>> 2 <= metrics.microbatches.item() <= 16
         True
     """
 
@@ -73,45 +81,74 @@ class AdaptiveBatching:
         *,
         controller: Controller = "predictive",
         k_initial: int | None = None,
-        compile: bool = False,
     ) -> None:
-        control = step.reducer.batch_control
+        if not isinstance(step, TrainStep):
+            raise FuncaccumError(f"step must be a TrainStep (from train_step), got {step!r}")
+        control = step.accumulation.reducer.batch_control
         if control is None or controller not in ("predictive", "sequential"):
             raise FuncaccumError(
-                "AdaptiveBatching needs a train_step with reducer=adaptive(...) and "
-                f"controller 'predictive' or 'sequential', got controller={controller!r}"
+                "AdaptiveBatching needs a train_step with Accumulation(reducer=adaptive(...)) "
+                f"and controller 'predictive' or 'sequential', got controller={controller!r}"
             )
         if k_initial is not None:
             check_int("k_initial", k_initial, low=control.k_min, high=control.k_max)
         self.step, self.controller, self.control = step, controller, control
         self.k_initial = k_initial
-        self._parts = step.parts(compile)
         # The unused gradient is dead code once compiled.
-        self._ready = compiled(lambda folded: control.ready(folded.reducer), compile)
+        self._ready = compiled(
+            lambda folded: control.ready(folded.state.reducer), step.compile is not None
+        )
 
     def __call__(
         self, state: TrainState, microbatches: Iterator[PyTree]
-    ) -> tuple[TrainState, Metrics]:
-        """One optimizer step on the next microbatches; ``metrics["k"]`` says how many."""
+    ) -> tuple[TrainState, StepMetrics]:
+        """One optimizer step on the next microbatches; ``metrics.microbatches`` says how many."""
         control = self.control
         if self.controller == "predictive":
             target = self.k_initial or int(control.suggested_k(state.reducer_carry))
             self.k_initial = None
-        folded = self.step.accumulation.init(state.params)
-        model_state, count = state.model_state, 0
-        for microbatch in microbatches:
-            # Each microbatch sees the model state the one before it left.
-            seen = state._replace(model_state=model_state)
-            folded, _, model_state = self._parts.fold(seen, microbatch, folded)
-            count += 1
+        folded: Folded | None = None
+        for count, microbatch in enumerate(microbatches, start=1):
+            # Each microbatch sees the model state the one before it left (folded carries it).
+            folded = self.step.fold(state, microbatch, folded)
             if self.controller == "predictive":
                 if count >= target:
                     break
             elif count >= control.k_max or (count >= control.k_min and bool(self._ready(folded))):
                 break
-        if count == 0:
-            raise StopIteration
-        new_model_state = model_state if self.step.has_state else None
-        state, metrics = self._parts.apply(state, folded, new_model_state)
+        if folded is None:
+            raise _ExhaustedError(
+                "AdaptiveBatching: the microbatch iterator is exhausted; no step was taken (to "
+                "run until it is, iterate over runner.steps(state, microbatches))"
+            )
+        state, metrics = self.step.apply(state, folded)
         self.step.check_skips(state, metrics)
-        return state, {**metrics, "k": count}
+        return state, metrics
+
+    def steps(
+        self, state: TrainState, microbatches: Iterable[PyTree]
+    ) -> Iterator[tuple[TrainState, StepMetrics]]:
+        """Every step the microbatches make, each ``(state, metrics)``, until they run out.
+
+        The last step takes what is left, weighted exactly. Each step starts
+        from the state the one before it yielded.
+
+        Example:
+            >>> import torch
+            >>> import funcaccum as fa
+            >>> step = fa.train_step(lambda p, b: ((b - p["w"]) ** 2).mean(),
+            ...                      optimizer=fa.optim.sgd(0.1),
+            ...                      accumulation=fa.Accumulation(reducer=fa.adaptive(k_max=4)))
+            >>> runner = AdaptiveBatching(step, k_initial=3)
+            >>> taken = [int(m.microbatches) for _, m in runner.steps(
+            ...     step.init({"w": torch.zeros(2)}), torch.randn(7, 5, 2))]
+            >>> taken[0], sum(taken)                    # 3 first, then what the noise says
+            (3, 7)
+        """
+        iterator = iter(microbatches)
+        while True:
+            try:
+                state, metrics = self(state, iterator)
+            except _ExhaustedError:
+                return
+            yield state, metrics

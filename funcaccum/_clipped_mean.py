@@ -23,7 +23,7 @@ from ._reducer import (
 from ._tree import PyTree, accumulator_like, unit_squared_norms
 from ._validate import check_dtype, check_real, check_state
 
-__all__ = ["ClippedMeanState", "clipped_mean"]
+__all__ = ["ClippedMeanState", "ClippedMeanStats", "clipped_mean"]
 
 
 class ClippedMeanState(NamedTuple):
@@ -34,7 +34,7 @@ class ClippedMeanState(NamedTuple):
         >>> reducer = fa.clipped_mean(max_norm=1.0)
         >>> state = reducer.init({"w": torch.zeros(2)})
         >>> state = reducer.update(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
-        >>> isinstance(state, fa.ClippedMeanState), state.clipped_sum["w"], state.norm_max
+        >>> isinstance(state, fa.extend.ClippedMeanState), state.clipped_sum["w"], state.norm_max
         (True, tensor([0.6000, 0.8000]), Maximum(value=tensor(5.)))
     """
 
@@ -45,6 +45,31 @@ class ClippedMeanState(NamedTuple):
     norm_sum: torch.Tensor  # sum of |g_i| before clipping
     clipped_norm_sum: torch.Tensor  # sum of |c_i g_i|
     norm_max: Maximum  # max of |g_i| before clipping
+
+
+class ClippedMeanStats(NamedTuple):
+    """Statistics of :func:`clipped_mean`, over the microbatches with nonzero weight.
+
+    Attributes:
+        clip_fraction: the share of microbatches whose gradient norm exceeded ``max_norm``.
+        norm_mean: the mean gradient norm before clipping.
+        norm_max: the largest gradient norm before clipping.
+        clipped_norm_mean: the mean norm after clipping.
+
+    Example:
+        >>> import funcaccum as fa
+        >>> reducer = fa.clipped_mean(max_norm=1.0)
+        >>> state = reducer.init({"w": torch.zeros(2)})
+        >>> state = reducer.update(state, {"w": torch.tensor([3.0, 4.0])}, torch.tensor(1.0))
+        >>> _, stats = reducer.finalize(state)
+        >>> isinstance(stats, fa.extend.ClippedMeanStats), stats.clip_fraction.item()
+        (True, 1.0)
+    """
+
+    clip_fraction: torch.Tensor
+    norm_mean: torch.Tensor
+    norm_max: torch.Tensor
+    clipped_norm_mean: torch.Tensor
 
 
 def clipped_mean(
@@ -87,7 +112,8 @@ def clipped_mean(
         accum_dtype: the dtype of the sums; default at least float32.
 
     Returns:
-        A :class:`Reducer`; ``finalize`` gives ``(grads, stats)`` with stats
+        A :class:`~funcaccum.extend.Reducer`; ``finalize`` gives ``(grads,
+        stats)`` with :class:`~funcaccum.extend.ClippedMeanStats`:
         ``clip_fraction`` (of microbatches with nonzero weight), ``norm_mean``
         and ``norm_max`` (before clipping) and ``clipped_norm_mean`` (after).
         Its ``update_by_norms`` serves strategies that compute norms without
@@ -101,7 +127,7 @@ def clipped_mean(
         >>> clipped, stats = reducer.finalize(state)
         >>> clipped["w"]                                            # mean of [.6, .8] and [.3, .4]
         tensor([0.4500, 0.6000])
-        >>> stats["clip_fraction"].item(), stats["norm_max"].item()
+        >>> stats.clip_fraction.item(), stats.norm_max.item()
         (0.5, 5.0)
 
     References:
@@ -122,8 +148,16 @@ def clipped_mean(
     override = check_dtype("accum_dtype", accum_dtype)
 
     def init(params: PyTree) -> ClippedMeanState:
-        zeros = scalar_zeros(params, 6, override)
-        return ClippedMeanState(accumulator_like(params, override), *zeros[:5], Maximum(zeros[5]))
+        weight, units, clipped, norms, clipped_norms, norm_max = scalar_zeros(params, 6, override)
+        return ClippedMeanState(
+            accumulator_like(params, override),
+            weight,
+            units,
+            clipped,
+            norms,
+            clipped_norms,
+            Maximum(norm_max),
+        )
 
     def update_by_norms(
         state: ClippedMeanState,
@@ -166,7 +200,7 @@ def clipped_mean(
 
         return update_by_norms(state, norms, weights, weighted_sum)
 
-    def finalize(state: ClippedMeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+    def finalize(state: ClippedMeanState) -> tuple[PyTree, ClippedMeanStats]:
         check_state(state, ClippedMeanState, owner="clipped_mean()", role="finalize")
         total = state.clipped_sum
         if noise_multiplier > 0:
@@ -180,12 +214,12 @@ def clipped_mean(
                 total,
             )
         units = state.unit_count
-        return tree.scale(total, 1 / divisor(state.weight_sum, denominator)), {
-            "clip_fraction": state.clipped_count / units,
-            "norm_mean": state.norm_sum / units,
-            "norm_max": state.norm_max.value,
-            "clipped_norm_mean": state.clipped_norm_sum / units,
-        }
+        return tree.scale(total, 1 / divisor(state.weight_sum, denominator)), ClippedMeanStats(
+            clip_fraction=state.clipped_count / units,
+            norm_mean=state.norm_sum / units,
+            norm_max=state.norm_max.value,
+            clipped_norm_mean=state.clipped_norm_sum / units,
+        )
 
     merge = typed_merge(ClippedMeanState, "clipped_mean()")
     return Reducer(init, update, merge, finalize, update_by_norms=update_by_norms)

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ._train import Metrics, TrainState, TrainStep
+from ._train import StepMetrics, TrainState, TrainStep
 from ._tree import PyTree
 
 __all__ = ["EpochSummary", "run_epoch"]
@@ -23,14 +23,14 @@ class EpochSummary(NamedTuple):
         weight: the examples (or tokens) of the applied steps.
         steps: optimizer steps applied.
         skipped: steps skipped as non-finite.
-        last: the last step's metrics.
+        last: the last step's metrics (None for an epoch without steps).
     """
 
     loss: torch.Tensor
     weight: torch.Tensor
     steps: int
     skipped: int
-    last: Metrics
+    last: StepMetrics | None
 
 
 def run_epoch(
@@ -66,7 +66,8 @@ def run_epoch(
         >>> def loss_fn(params, batch):
         ...     x, y = batch                            # x: (m, 3), y: (m,)
         ...     return torch.mean((x @ params["w"] - y) ** 2)
-        >>> step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.0), num_microbatches=2)
+        >>> step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.0),
+        ...                      accumulation=fa.Accumulation(num_microbatches=2))
         >>> state = step.init({"w": torch.zeros(3)})
         >>> x, y = torch.ones(10, 3), torch.arange(10.0)
         >>> loader = [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])]  # 4, 4 and 2 examples
@@ -76,13 +77,13 @@ def run_epoch(
     """
     # Sums stay on the device (float64): no read per step unless the bar shows the loss.
     totals = torch.zeros(3, dtype=torch.float64)  # loss * weight, weight, skipped
-    steps, metrics = 0, {}
+    steps, metrics = 0, None
     with _bar(progress, description, batches) as advance:
         for batch in batches:
             state, metrics = step(state, batch)
-            skipped = metrics["skipped"]
-            weight = torch.where(skipped, 0, metrics["weight"].double())
-            loss = torch.where(skipped, 0, metrics["loss"].double())
+            skipped = metrics.skipped
+            weight = torch.where(skipped, 0, metrics.weight.double())
+            loss = torch.where(skipped, 0, metrics.loss.double())
             totals = totals.to(weight.device) + torch.stack([loss * weight, weight, skipped])
             steps += 1
             if progress:

@@ -10,9 +10,10 @@ class FuncaccumError(ValueError):
     expected. It subclasses :class:`ValueError`, so ``except ValueError`` catches it.
 
     Example:
+        >>> import torch
         >>> import funcaccum as fa
         >>> try:
-        ...     fa.plan_microbatches(10, num_microbatches=0)
+        ...     fa.split_microbatches(torch.zeros(10), num_microbatches=0)
         ... except fa.FuncaccumError as error:
         ...     print(isinstance(error, ValueError), "num_microbatches" in str(error))
         True True

@@ -1,24 +1,55 @@
-"""The pieces a strategy folds microbatches with: the loss's parts, its gradient, the add."""
+"""A partial accumulation and every operation on it: init, add, add by norms, merge, finalize.
+
+A :class:`FoldState` holds sums only, so partial states from chunks or
+processes merge by addition, and a reducer's ``finalize`` divides once, at the
+end. This module is the one owner of that state: strategies fold into it
+through a :class:`~funcaccum.extend.Folder`, which calls :func:`add` and
+:func:`add_by_norms` here, and :class:`~funcaccum.Accumulation` delegates its
+``init``, ``merge`` and ``finalize`` here.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import optree
 import torch
-from torch.func import grad_and_value
 
 from ._errors import FuncaccumError
-from ._functional import hold_parametrizations
+from ._microbatch import BatchDim
+from ._reducer import Reducer, Stats, scalar_zeros
 from ._tree import PyTree
 
-if TYPE_CHECKING:
-    from ._accumulate import Accumulation
+__all__ = [
+    "Accumulated",
+    "FoldState",
+    "Folded",
+    "LossSpec",
+    "MicrobatchOutput",
+    "add",
+    "add_by_norms",
+    "finalize",
+    "init",
+    "merge",
+]
 
-__all__ = ["FoldState", "Folder", "LossFn", "MicrobatchOutput", "compiled"]
 
-LossFn = Callable[..., Any]
+class LossSpec(NamedTuple):
+    """What a loss returns and where its batch holds its examples: what folding needs to know.
+
+    Attributes:
+        has_aux: the loss also returns auxiliary outputs.
+        has_weight: the loss also returns its weight (valid tokens, say).
+        has_state: the loss is ``loss_fn(params, model_state, batch) -> (out, new_state)``.
+        batch_dim: where each batch leaf holds its examples (see
+            :class:`~funcaccum.Accumulation`).
+    """
+
+    has_aux: bool = False
+    has_weight: bool = False
+    has_state: bool = False
+    batch_dim: BatchDim = 0
 
 
 class FoldState(NamedTuple):
@@ -28,11 +59,14 @@ class FoldState(NamedTuple):
         reducer: the reducer's state.
         loss_sum: ``sum_i w_i L_i``.
         weight_sum: ``sum_i w_i``.
+        microbatches: how many microbatches were folded, in the weights' dtype
+            (so it merges across processes in the same collective).
     """
 
     reducer: Any
     loss_sum: torch.Tensor
     weight_sum: torch.Tensor
+    microbatches: torch.Tensor
 
 
 class MicrobatchOutput(NamedTuple):
@@ -47,184 +81,128 @@ class MicrobatchOutput(NamedTuple):
 
     loss: torch.Tensor
     weight: torch.Tensor
-    aux: Any = ()
-    model_state: Any = ()
+    aux: PyTree = ()
+    model_state: PyTree = ()
 
 
-def compiled(fn: Callable[..., Any], enabled: bool = True) -> Callable[..., Any]:
-    """``fn`` compiled as funcaccum compiles (one whole graph, static shapes), or ``fn``."""
-    return torch.compile(fn, fullgraph=True, dynamic=False) if enabled else fn
+class Folded(NamedTuple):
+    """Microbatches folded so far, with what the loss left besides its sums.
 
-
-def _pair(out: Any, flag: str) -> tuple[Any, Any]:
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise FuncaccumError(
-            f"with {flag}=True, loss_fn must return a pair, got {type(out).__name__}"
-        )
-    return out
-
-
-_DETACHED = (
-    "the loss does not depend on the params: loss_fn detached it (.detach(), .item(), "
-    "torch.no_grad()) or never used params, so every gradient would be zero"
-)
-
-Forward = Callable[[PyTree, PyTree, PyTree, int], tuple[torch.Tensor, MicrobatchOutput]]
-ValueAndGrad = Callable[[PyTree, PyTree, PyTree, int], tuple[PyTree, MicrobatchOutput]]
-
-
-class Folder:
-    """What a :class:`~funcaccum.Strategy` builds its group runner from.
-
-    One is made per loss, :class:`~funcaccum.Accumulation` and compile
-    setting, and a strategy's ``build`` is called with it once, so whatever
-    the strategy compiles is compiled once. Every gradient function takes
-    ``(params, model_state, microbatch, size)``, where ``microbatch`` has
-    ``size`` examples along its leading axis (``model_state`` is ``()``
-    without ``has_state``), and returns ``(grads, output)`` with a
-    :class:`MicrobatchOutput`.
+    What :meth:`TrainStep.fold <funcaccum.TrainStep.fold>` returns and
+    :meth:`TrainStep.apply <funcaccum.TrainStep.apply>` takes.
 
     Attributes:
-        loss_fn: the loss as the user wrote it.
-        options: the accumulation's options (reducer, flags, split).
-        grad: the gradient by :func:`torch.func.grad`: use it under
-            :func:`torch.func.vmap` or inside a traced (compiled) region.
-        autograd: the gradient by plain autograd on fresh leaves, the loss
-            compiled when the step is: for one microbatch at a time, eagerly.
-        add: ``add(state, grads, output) -> state``: fold one microbatch (0-d
-            weight) or a stacked chunk into a :class:`FoldState`, compiled with
-            ``compile_update``.
-        compile_enabled: whether :meth:`compile` compiles.
+        state: the :class:`FoldState`, sums only.
+        model_state: the model state the last microbatch left (``()`` without ``has_state``).
+        aux: the loss's auxiliary outputs stacked along a leading microbatch
+            axis, or None without ``has_aux``.
     """
 
-    def __init__(
-        self,
-        loss_fn: LossFn,
-        options: Accumulation,
-        *,
-        compile: bool = False,
-        compile_update: bool = False,
-    ) -> None:
-        self.loss_fn = loss_fn
-        self.options = options
-        self.compile_enabled = compile
-        forward = self._forward
-        self.grad: ValueAndGrad = _func_value_and_grad(forward)
-        self.autograd: ValueAndGrad = _autograd_value_and_grad(compiled(forward, compile))
-        self.add: Callable[[FoldState, PyTree, MicrobatchOutput], FoldState] = compiled(
-            self._add, compile_update
-        )
-
-    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """``fn`` compiled if this step compiles its loss, else ``fn``."""
-        return compiled(fn, self.compile_enabled)
-
-    def _forward(
-        self, params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
-    ) -> tuple[torch.Tensor, MicrobatchOutput]:
-        """The loss and its output, the loss checked: 0-d, floating, with a 0-d weight."""
-        options = self.options
-        microbatch = options.to_layout(microbatch)
-        new_state: Any = ()
-        if options.has_state:
-            out, new_state = _pair(self.loss_fn(params, model_state, microbatch), "has_state")
-            new_state = optree.tree_map(torch.Tensor.detach, new_state)
-        else:
-            out = self.loss_fn(params, microbatch)
-        aux: Any = ()  # vmap and scan need tensor outputs; () stands for "no aux"
-        if options.has_aux:
-            out, aux = _pair(out, "has_aux")
-        loss, weight = _pair(out, "has_weight") if options.has_weight else (out, size)
-        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-            hint = (
-                " (return a pair? pass has_aux=True or has_weight=True)"
-                if isinstance(loss, tuple)
-                else ""
-            )
-            raise FuncaccumError(
-                "loss_fn must return a 0-d tensor, the mean loss over its microbatch; "
-                f"got {got}{hint}"
-            )
-        if not loss.is_floating_point():
-            raise FuncaccumError(
-                f"loss_fn returned a {loss.dtype} loss; a loss must be a floating-point tensor "
-                "computed from the params (an integer loss has no gradient)"
-            )
-        weight = torch.as_tensor(weight, device=loss.device)
-        if weight.ndim != 0:
-            raise FuncaccumError(
-                f"the weight loss_fn returns must be 0-d, got shape {tuple(weight.shape)}"
-            )
-        return loss, MicrobatchOutput(loss.detach(), weight, aux, new_state)
-
-    def _add(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
-        weight = output.weight.to(state.weight_sum.dtype)
-        present = weight != 0
-        if self.options.has_weight:
-            # A microbatch the loss gives zero weight (all padding) adds exactly nothing,
-            # even when its loss and gradient are 0/0 = NaN.
-            grads = optree.tree_map(
-                lambda g: torch.where(
-                    present.reshape(present.shape + (1,) * (g.ndim - present.ndim)), g, 0
-                ),
-                grads,
-            )
-        weighted_loss = torch.where(present, weight * output.loss.to(weight.dtype), 0)
-        return FoldState(
-            self.options.reducer.update(state.reducer, grads, weight),
-            state.loss_sum + weighted_loss.sum(),
-            state.weight_sum + weight.sum(),
-        )
+    state: FoldState
+    model_state: PyTree = ()
+    aux: PyTree = None
 
 
-def _autograd_value_and_grad(forward: Forward) -> ValueAndGrad:
-    """One microbatch's gradient by plain autograd, on fresh leaves that alias the params.
+class Accumulated(NamedTuple):
+    """A finished accumulation: what :func:`~funcaccum.accumulate` returns.
 
-    Eagerly this is the hand-written loop's forward and backward, without the
-    per-op cost of the ``torch.func`` transforms; it also lets ``forward`` be a
-    compiled function (forward and backward graphs, as ``torch.compile(model)``
-    gives the loop), and activation checkpointing and compiled regions work
-    inside the loss. The params are not modified: the leaves are new tensor
-    objects, and ``torch.autograd.grad`` returns the gradients instead of
-    writing ``.grad``.
+    Attributes:
+        grads: the reduced gradient, shaped like the params, in the
+            accumulation dtype (at least float32).
+        loss: the exact weighted mean loss of the whole batch,
+            ``sum_i w_i L_i / sum_i w_i`` (not the last microbatch's).
+        weight: ``sum_i w_i``: examples, or valid tokens for a weighted loss.
+        stats: the reducer's statistics (clip fraction, norms, ...), reported only.
+        aux: the loss's auxiliary outputs stacked along a leading microbatch
+            axis, or None.
     """
 
-    def value_and_grad(
-        params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
-    ) -> tuple[PyTree, MicrobatchOutput]:
-        leaves, treedef = optree.tree_flatten(params)
-        inputs = [leaf.detach().requires_grad_() for leaf in leaves]
-        # The backward runs with the forward's params in place (checkpointing recomputes).
-        with torch.enable_grad(), hold_parametrizations():
-            loss, output = forward(
-                optree.tree_unflatten(treedef, inputs), model_state, microbatch, size
-            )
-            if not loss.requires_grad:
-                raise FuncaccumError(_DETACHED)
-            grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
-        return optree.tree_unflatten(treedef, list(grads)), output
-
-    return value_and_grad
+    grads: PyTree
+    loss: torch.Tensor
+    weight: torch.Tensor
+    stats: Stats
+    aux: PyTree = None
 
 
-def _func_value_and_grad(forward: Forward) -> ValueAndGrad:
-    """One microbatch's gradient by :func:`torch.func.grad`, for ``vmap`` and a traced scan."""
+def init(reducer: Reducer, params: PyTree) -> FoldState:
+    """An empty state for ``params``: where a fold starts; what a rank without data merges."""
+    return FoldState(reducer.init(params), *scalar_zeros(params, 3))
 
-    def checked(
-        params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
-    ) -> tuple[torch.Tensor, MicrobatchOutput]:
-        loss, output = forward(params, model_state, microbatch, size)
-        if not loss.requires_grad:
-            raise FuncaccumError(_DETACHED)
-        return loss, output
 
-    def value_and_grad(
-        params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
-    ) -> tuple[PyTree, MicrobatchOutput]:
-        grads, (_, output) = grad_and_value(checked, has_aux=True)(
-            params, model_state, microbatch, size
+def add(
+    reducer: Reducer,
+    state: FoldState,
+    grads: PyTree,
+    output: MicrobatchOutput,
+    *,
+    has_weight: bool = False,
+) -> FoldState:
+    """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
+
+    With ``has_weight``, a microbatch the loss gives zero weight (all padding)
+    adds exactly nothing, even when its loss and gradient are 0/0 = NaN.
+    """
+    weight = output.weight.to(state.weight_sum.dtype)
+    present = weight != 0
+    if has_weight:
+        grads = optree.tree_map(
+            lambda g: torch.where(
+                present.reshape(present.shape + (1,) * (g.ndim - present.ndim)), g, 0
+            ),
+            grads,
         )
-        return grads, output
+    weighted_loss = torch.where(present, weight * output.loss.to(weight.dtype), 0)
+    return FoldState(
+        reducer.update(state.reducer, grads, weight),
+        state.loss_sum + weighted_loss.sum(),
+        state.weight_sum + weight.sum(),
+        state.microbatches + weight.numel(),
+    )
 
-    return value_and_grad
+
+def add_by_norms(
+    reducer: Reducer,
+    state: FoldState,
+    norms: torch.Tensor,
+    weights: torch.Tensor,
+    weighted_sum: Callable[[torch.Tensor], PyTree],
+    loss_sum: torch.Tensor,
+) -> FoldState:
+    """Fold ``c`` microbatches known by their gradient norms (a strategy that forms no gradients).
+
+    Args:
+        reducer: a reducer with ``update_by_norms`` (:func:`~funcaccum.clipped_mean`).
+        state: the state to fold into.
+        norms: each microbatch's gradient norm, ``(c,)``.
+        weights: each microbatch's weight, ``(c,)``.
+        weighted_sum: ``weighted_sum(coefficients)`` gives ``sum_i coefficients_i g_i``.
+        loss_sum: ``sum_i w_i L_i`` over the ``c`` microbatches.
+    """
+    if reducer.update_by_norms is None:
+        raise FuncaccumError(
+            "this strategy folds gradient norms, which needs a reducer that clips by norm "
+            "(one with update_by_norms, such as clipped_mean)"
+        )
+    weights = weights.to(state.weight_sum.dtype)
+    return FoldState(
+        reducer.update_by_norms(state.reducer, norms, weights, weighted_sum),
+        state.loss_sum + loss_sum.to(state.loss_sum.dtype),
+        state.weight_sum + weights.sum(),
+        state.microbatches + weights.numel(),
+    )
+
+
+def merge(reducer: Reducer, a: FoldState, b: FoldState) -> FoldState:
+    """Two partial states of one accumulation (chunks, or processes) as one."""
+    return FoldState(
+        reducer.merge(a.reducer, b.reducer),
+        a.loss_sum + b.loss_sum,
+        a.weight_sum + b.weight_sum,
+        a.microbatches + b.microbatches,
+    )
+
+
+def finalize(reducer: Reducer, state: FoldState, aux: PyTree = None) -> Accumulated:
+    """The reduced gradient, the exact mean loss and the reducer's stats of a folded ``state``."""
+    grads, stats = reducer.finalize(state.reducer)
+    return Accumulated(grads, state.loss_sum / state.weight_sum, state.weight_sum, stats, aux)

@@ -207,7 +207,7 @@ def load_into(
         >>> torch.equal(model.weight, trained["weight"])
         True
     """
-    targets = dict(module.named_parameters(remove_duplicate=False))
+    targets: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     targets |= dict(module.named_buffers(remove_duplicate=False))
     values = {**params, **(buffers or {})}
     for name, value in values.items():

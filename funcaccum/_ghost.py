@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import optree
 import torch
@@ -14,7 +14,8 @@ from torch.nn import functional
 
 from . import tree
 from ._errors import FuncaccumError
-from ._fold import Folder, FoldState, MicrobatchOutput
+from ._fold import FoldState, MicrobatchOutput
+from ._folder import Folder
 from ._microbatch import MicrobatchGroup
 from ._strategy import GroupRunner
 from ._tree import PyTree, accum_dtype, unit_squared_norms
@@ -22,8 +23,21 @@ from ._validate import check_int
 
 __all__ = ["Ghost", "ghost"]
 
+WeightedSum = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+"""``weighted_sum(c)``: ``sum_u c_u g_u`` for some parameters, by name."""
+
 # Per layer kind: its parameters' per-unit squared norms, and sum_u c_u g_u.
-LayerResult = tuple[torch.Tensor, Callable[[torch.Tensor], dict[str, torch.Tensor]]]
+LayerResult = tuple[torch.Tensor, WeightedSum]
+
+
+def _scaled(weighted_sum: WeightedSum, factor: float) -> WeightedSum:
+    """``weighted_sum`` with every coefficient multiplied by ``factor``."""
+    return lambda c: weighted_sum(c * factor)
+
+
+def _named(layer: str, weighted_sum: WeightedSum) -> WeightedSum:
+    """A layer's weighted sum keyed by the parameters' names in the module."""
+    return lambda c: {_qualified(layer, k): v for k, v in weighted_sum(c).items()}
 
 
 def _qualified(module_name: str, param_name: str) -> str:
@@ -101,7 +115,7 @@ def _conv2d(module: nn.Conv2d, x: torch.Tensor, delta: torch.Tensor, count: int)
         x,
         module.kernel_size,
         dilation=module.dilation,
-        padding=module.padding,
+        padding=cast(tuple[int, ...], module.padding),  # _rule refuses string padding
         stride=module.stride,
     )  # (n, in * kh * kw, positions)
     delta = delta.flatten(2)  # (n, out, positions)
@@ -179,28 +193,27 @@ class Ghost(NamedTuple):
 
     def build(self, folder: Folder) -> GroupRunner:
         """Check what ghost clipping needs, then fold groups ``chunk_size`` units at a time."""
-        options = folder.options
-        reducer = options.reducer
-        if reducer.update_by_norms is None:
+        spec = folder.spec
+        if folder.reducer.update_by_norms is None:
             raise FuncaccumError(
                 "strategy=ghost(...) needs a reducer that clips by norm: clipped_mean"
             )
-        if options.has_weight or options.has_aux or options.has_state:
+        if spec.has_weight or spec.has_aux or spec.has_state:
             raise FuncaccumError(
                 "strategy=ghost(...) takes a plain loss: example-count weights, no aux, no model "
                 "state (has_weight, has_aux and has_state must be False)"
             )
-        if options.batch_dim != 0:
+        if spec.batch_dim != 0:
             raise FuncaccumError("strategy=ghost(...) needs batch leaves with batch_dim=0")
 
         def run(
             params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
         ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
-            if torch.compiler.is_compiling():
-                raise FuncaccumError(
-                    "strategy=ghost(...) runs eagerly (forward hooks and torch.autograd.grad); "
-                    "do not compile the step, or use strategy=chunked(size) to compile"
-                )
+            folder.require_eager(
+                "strategy=ghost(...)",
+                "its forward hooks and torch.autograd.grad do not trace: do not compile the step "
+                "whole, or use strategy=chunked(size) to compile",
+            )
             if not isinstance(params, dict) or not set(params) >= {
                 name for names in self.layers.values() for name in names
             }:
@@ -228,11 +241,7 @@ class Ghost(NamedTuple):
                         for name, p in params.items()
                     }
 
-                state = FoldState(
-                    reducer.update_by_norms(state.reducer, norms, weights, weighted_sum),
-                    state.loss_sum + total.to(state.loss_sum.dtype),
-                    state.weight_sum + weights.sum(),
-                )
+                state = folder.add_by_norms(state, norms, weights, weighted_sum, total)
             # The loss is summed per chunk, not kept per unit: per-unit losses are unknown.
             nan = torch.full((group.count,), torch.nan, device=state.weight_sum.device)
             return state, MicrobatchOutput(nan, torch.full_like(nan, group.size)), model_state
@@ -245,7 +254,7 @@ class Ghost(NamedTuple):
         params: dict[str, torch.Tensor],
         units: PyTree,
         count: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, list[Callable[[torch.Tensor], dict[str, torch.Tensor]]]]:
+    ) -> tuple[torch.Tensor, torch.Tensor, list[WeightedSum]]:
         """One forward and one backward (to the probes only) over ``count`` units.
 
         Returns the summed loss, each unit's gradient norm, and the pieces of
@@ -264,18 +273,18 @@ class Ghost(NamedTuple):
             deltas = torch.autograd.grad(total, probes, allow_unused=True) if probes else ()
         fallback = [*self.fallback, *(p for n in shared for p in self.layers[n])]
         norms_sq = torch.zeros(count, dtype=torch.float32, device=total.device)
-        parts = []
+        parts: list[WeightedSum] = []
         for name, delta in zip(names, deltas, strict=True):
             if delta is None:  # the layer does not reach the loss
                 continue
             module, (x, _) = self.module.get_submodule(name), taps[name]
+            rule = _rule(module)
+            assert rule is not None  # ghost() taps only layers that have a rule
             upcast = torch.promote_types(delta.dtype, torch.float32)
             inputs = x if x.dtype in (torch.int32, torch.int64) else x.to(upcast)
-            squares, weighted_sum = _rule(module)(module, inputs, delta.to(upcast), count)
+            squares, weighted_sum = rule(module, inputs, delta.to(upcast), count)
             norms_sq = norms_sq + squares.to(norms_sq.dtype)
-            parts.append(
-                lambda c, w=weighted_sum, n=name: {_qualified(n, k): v for k, v in w(c).items()}
-            )
+            parts.append(_named(name, weighted_sum))
         if fallback:
             rest = {name: params[name] for name in fallback}
 
@@ -291,7 +300,7 @@ class Ghost(NamedTuple):
         return (
             total.detach(),
             torch.sqrt(norms_sq) / size,
-            [lambda c, part=part: part(c / size) for part in parts],
+            [_scaled(part, 1 / size) for part in parts],
         )
 
 

@@ -18,7 +18,7 @@ from ._reducer import (
 from ._tree import PyTree, accumulator_like
 from ._validate import check_dtype, check_state
 
-__all__ = ["MeanState", "mean"]
+__all__ = ["MeanState", "MeanStats", "mean"]
 
 
 class MeanState(NamedTuple):
@@ -29,12 +29,16 @@ class MeanState(NamedTuple):
         >>> reducer = fa.mean()
         >>> state = reducer.init({"w": torch.zeros(2)})
         >>> state = reducer.update(state, {"w": torch.tensor([1.0, 2.0])}, torch.tensor(4.0))
-        >>> isinstance(state, fa.MeanState), state.grad_sum["w"], state.weight_sum
+        >>> isinstance(state, fa.extend.MeanState), state.grad_sum["w"], state.weight_sum
         (True, tensor([4., 8.]), tensor(4.))
     """
 
     grad_sum: PyTree  # sum_i w_i g_i, in the accumulation dtype
     weight_sum: torch.Tensor  # sum_i w_i
+
+
+class MeanStats(NamedTuple):
+    """Statistics of :func:`mean`: none; the step reports the loss, weight and norm itself."""
 
 
 def mean(
@@ -57,7 +61,7 @@ def mean(
             and fp16 gradients are summed in float32.
 
     Returns:
-        A :class:`Reducer` whose ``finalize`` gives ``(grads, {})``.
+        A :class:`~funcaccum.extend.Reducer` whose ``finalize`` gives ``(grads, MeanStats())``.
 
     Example:
         >>> reducer = mean()
@@ -81,8 +85,8 @@ def mean(
             tree.add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
         )
 
-    def finalize(state: MeanState) -> tuple[PyTree, dict[str, torch.Tensor]]:
+    def finalize(state: MeanState) -> tuple[PyTree, MeanStats]:
         check_state(state, MeanState, owner="mean()", role="finalize")
-        return tree.scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), {}
+        return tree.scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), MeanStats()
 
     return Reducer(init, update, typed_merge(MeanState, "mean()"), finalize)

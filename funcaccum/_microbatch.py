@@ -19,6 +19,7 @@ __all__ = [
     "batch_size",
     "plan_microbatches",
     "split_microbatches",
+    "to_layout",
 ]
 
 
@@ -38,7 +39,7 @@ class MicrobatchGroup(NamedTuple):
     """
 
     batch: PyTree
-    count: int
+    count: int  # type: ignore[assignment]  # a field named like tuple.count, as optax's states
     size: int
 
 
@@ -107,15 +108,15 @@ def batch_size(batch: PyTree, batch_dim: BatchDim = 0) -> int:
     leaves = optree.tree_leaves(batch)
     leading = all(isinstance(x, torch.Tensor) and x.ndim > 0 for x in leaves)
     if batch_dim == 0 and leaves and leading:
-        sizes = {x.shape[0] for x in leaves}
-        if len(sizes) == 1:
-            return sizes.pop()
+        leading_sizes = {x.shape[0] for x in leaves}
+        if len(leading_sizes) == 1:
+            return leading_sizes.pop()
     # Something is wrong, or the layout is explicit: check each leaf with its path.
     leaves = leaf_paths(batch, "batch")
     if not leaves:
         raise FuncaccumError("the batch has no tensor leaves")
     dims = optree.tree_leaves(batch_dims(batch, batch_dim))
-    sizes = {}
+    sizes: dict[str, tuple[int, tuple[int, ...], int]] = {}
     for (path, leaf), dim in zip(leaves, dims, strict=True):
         if not isinstance(leaf, torch.Tensor):
             raise FuncaccumError(
@@ -144,6 +145,14 @@ def batch_size(batch: PyTree, batch_dim: BatchDim = 0) -> int:
         )
         raise FuncaccumError(f"batch leaves disagree on {where}: {shapes}{hint}")
     return next(iter(sizes.values()))[0]
+
+
+def to_layout(microbatch: PyTree, batch_dim: BatchDim = 0) -> PyTree:
+    """A microbatch (examples leading, as split) back in the batch's own layout."""
+    if batch_dim == 0:
+        return microbatch
+    dims = batch_dims(microbatch, batch_dim)
+    return optree.tree_map(lambda x, d: x.movedim(0, d), microbatch, dims)
 
 
 def split_microbatches(

@@ -13,7 +13,7 @@ from ._errors import FuncaccumError
 __all__ = ["CombineStates", "running_stats"]
 
 Buffers = dict[str, torch.Tensor]
-CombineStates = Callable[[Buffers, Buffers], Buffers]
+CombineStates = Callable[[Any, Any], Any]
 """``combine(old, stacked) -> state``: ``stacked`` holds K new states, each computed from
 ``old`` by one microbatch (leading axis K); the result is the state K microbatches run one
 after another, in order, would leave."""
@@ -72,8 +72,8 @@ def running_stats(module: nn.Module) -> CombineStates:
         >>> side = fa.Accumulation(num_microbatches=3, has_state=True,
         ...                        strategy=fa.vmap(model_state=fa.running_stats(model)))
         >>> loop = fa.Accumulation(num_microbatches=3, has_state=True)
-        >>> _, _, a = side.folder(loss_fn).fold(params, batch, None, buffers)
-        >>> _, _, b = loop.folder(loss_fn).fold(params, batch, None, buffers)
+        >>> a = side.runner(loss_fn).fold(params, batch, model_state=buffers).model_state
+        >>> b = loop.runner(loss_fn).fold(params, batch, model_state=buffers).model_state
         >>> torch.allclose(a["1.running_mean"], b["1.running_mean"])
         True
         >>> int(a["1.num_batches_tracked"])             # three microbatches, as the loop counts

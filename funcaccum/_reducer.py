@@ -21,6 +21,7 @@ __all__ = [
     "Denominator",
     "Maximum",
     "Reducer",
+    "Stats",
     "as_units",
     "check_denominator",
     "divisor",
@@ -30,7 +31,10 @@ __all__ = [
     "weight_dtype",
 ]
 
-Stats = dict[str, torch.Tensor]
+Stats = Any
+"""A reducer's statistics, reported and never read by the step: a NamedTuple of 0-d tensors for
+the built-in reducers (:class:`~funcaccum.extend.ClippedMeanStats`, ...), any pytree of tensors
+for one's own."""
 Denominator = float | Literal["weight"]
 """What a mean divides its sums by: ``"weight"`` (the summed weight) or a fixed number."""
 
@@ -56,19 +60,21 @@ class CarryRule(NamedTuple):
     Attributes:
         init: ``init(params) -> carry``.
         update: ``update(carry, stats) -> (carry, stats, control)``, called
-            once per optimizer step with the stats of :attr:`Reducer.finalize`;
-            returns the new carry, the stats to report and a :class:`Control`.
+            once per optimizer step with the typed stats the reducer's
+            ``finalize`` returned; returns the new carry, the stats to report
+            and a :class:`Control`.
 
     Example:
         A carry that counts optimizer steps and reports the count:
 
         >>> import funcaccum as fa
+        >>> from funcaccum.extend import CarryRule, Control
         >>> def update(carry, stats):
-        ...     return carry + 1, {**stats, "steps": carry + 1}, fa.Control()
-        >>> rule = fa.CarryRule(init=lambda params: torch.tensor(0), update=update)
+        ...     return carry + 1, {"steps": carry + 1}, Control()
+        >>> rule = CarryRule(init=lambda params: torch.tensor(0), update=update)
         >>> carry = rule.init({"w": torch.zeros(2)})
-        >>> carry, stats, control = rule.update(carry, {})
-        >>> carry, stats, control = rule.update(carry, {})
+        >>> carry, stats, control = rule.update(carry, ())
+        >>> carry, stats, control = rule.update(carry, ())
         >>> stats["steps"], control.step_scale        # reported; the step is unchanged
         (tensor(2), None)
     """
@@ -113,8 +119,8 @@ class Reducer(NamedTuple):
         init: ``init(params) -> state``.
         update: ``update(state, grads, weight) -> state``.
         merge: ``merge(a, b) -> state``.
-        finalize: ``finalize(state) -> (grads, stats)``; the stats are
-            reported, never read by funcaccum.
+        finalize: ``finalize(state) -> (grads, stats)``; the stats (:data:`Stats`)
+            are reported, never read by the step.
         carry: statistics kept across optimizer steps (:class:`CarryRule`),
             the one way a reducer changes the step (:class:`Control`); or None.
         update_by_norms: for reducers that need only each unit's gradient
@@ -132,13 +138,13 @@ class Reducer(NamedTuple):
 
         >>> import funcaccum as fa
         >>> mean = fa.mean()
-        >>> total = mean._replace(finalize=lambda state: (state.grad_sum, {}))
+        >>> total = mean._replace(finalize=lambda state: (state.grad_sum, ()))
         >>> def loss_fn(params, batch):                                  # batch: (m, 2)
         ...     return (batch @ params["w"]).mean()
         >>> params, batch = {"w": torch.zeros(2)}, torch.ones(6, 2)
         >>> fa.accumulate(loss_fn, params, batch, reducer=total, num_microbatches=3).grads["w"]
         tensor([6., 6.])
-        >>> fa.Reducer._fields
+        >>> fa.extend.Reducer._fields
         ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control')
     """
 
@@ -237,4 +243,6 @@ def check_denominator(denominator: Denominator | None) -> None:
 
 def divisor(weight_sum: torch.Tensor, denominator: Denominator | None) -> torch.Tensor | float:
     """The summed weight, or the declared fixed ``denominator``."""
-    return weight_sum if denominator in (None, "weight") else denominator
+    if denominator is None or denominator == "weight":
+        return weight_sum
+    return denominator

@@ -1,45 +1,37 @@
-"""Strategies: how a group of equal-size microbatches is turned into gradients and folded."""
+"""Strategies: how a group of equal-size microbatches is turned into gradients and folded.
+
+Each strategy has one body, written with the :class:`~funcaccum.extend.Folder`'s
+pieces, which run eagerly or traced as the step does.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import optree
 import torch
-from torch.func import vmap as _vmap
 
 from ._errors import FuncaccumError
-from ._fold import Folder, FoldState, MicrobatchOutput
+from ._fold import FoldState, MicrobatchOutput
+from ._folder import Folder, Randomness, check_randomness
 from ._microbatch import MicrobatchGroup
 from ._model_state import CombineStates
 from ._tree import PyTree
 from ._validate import check_int
 
-try:  # A private API: compiles a sequential fold once, whatever its length.
-    from torch._higher_order_ops.scan import scan as _scan_hop
-except ImportError:  # pragma: no cover - older torch: an unrolled loop instead
-    _scan_hop = None
-
 __all__ = [
     "Chunked",
     "GroupRunner",
-    "Randomness",
     "Scan",
     "Strategy",
     "Vmap",
     "as_strategy",
-    "check_randomness",
     "chunked",
     "concat",
     "scan",
-    "stack",
-    "under_vmap",
     "vmap",
 ]
-
-Randomness = Literal["error", "different", "same"]
-_RANDOMNESS = ("error", "different", "same")
 
 GroupRunner = Callable[
     [PyTree, FoldState, MicrobatchGroup, PyTree], tuple[FoldState, MicrobatchOutput, PyTree]
@@ -47,8 +39,8 @@ GroupRunner = Callable[
 """``run(params, state, group, model_state) -> (state, outputs, model_state)``.
 
 Folds every microbatch of ``group`` into ``state`` and returns the stacked
-:class:`~funcaccum.MicrobatchOutput` (leading axis ``group.count``) and the
-model state the last microbatch left.
+:class:`~funcaccum.extend.MicrobatchOutput` (leading axis ``group.count``;
+its ``model_state`` left ``()``) and the model state the last microbatch left.
 """
 
 
@@ -58,10 +50,13 @@ class Strategy(Protocol):
 
     ``build(folder)`` is called once per loss, accumulation and compile
     setting, and returns the :data:`GroupRunner` that every step then calls
-    on each group of equal-size microbatches. The :class:`~funcaccum.Folder`
-    gives what a strategy needs: the gradient of one microbatch (by autograd,
-    or by ``torch.func`` for vmap and tracing), ``add`` to fold gradients
-    into the state, and ``compile`` to compile a piece when the step does.
+    on each group of equal-size microbatches. The
+    :class:`~funcaccum.extend.Folder` gives what a strategy needs, each piece
+    working eagerly and traced alike: ``value_and_grad`` (one microbatch's
+    gradient), ``loop`` (a loop over microbatches), ``vmap``, ``add`` (fold
+    into the state) and ``compile`` (compile a piece when the step compiles
+    its loss). ``build`` may refuse what the strategy cannot do, from
+    ``folder.reducer`` and ``folder.spec``.
 
     Example:
         The smallest strategy, one that delegates (docs/concepts.md, "Writing
@@ -70,99 +65,32 @@ class Strategy(Protocol):
             class Plain(NamedTuple):
                 def build(self, folder):
                     return fa.scan().build(folder)
-
-        A strategy of one's own usually loops over ``group.count``
-        microbatches, takes each gradient with ``folder.autograd`` (or
-        ``folder.grad`` under vmap) and folds it with ``folder.add``.
     """
 
     def build(self, folder: Folder) -> GroupRunner: ...
-
-
-def stack(outputs: list[Any]) -> Any:
-    """Stack a list of equal-shaped pytrees along a new leading axis."""
-    return optree.tree_map(lambda *ys: torch.stack(ys), *outputs)
-
-
-def _scan(body: Callable[[Any, Any], tuple[Any, Any]], carry: Any, xs: PyTree) -> tuple[Any, Any]:
-    """``for x in xs: carry, y = body(carry, x)`` traced once, for a step compiled whole.
-
-    The ``scan`` higher-order op traces the body once whatever the length.
-    Without it (older torch) the loop is unrolled.
-    """
-    if _scan_hop is None:  # pragma: no cover - older torch
-        ys = []
-        for i in range(optree.tree_leaves(xs)[0].shape[0]):
-            carry, y = body(carry, optree.tree_map(lambda x, i=i: x[i], xs))
-            ys.append(y)
-        return carry, stack(ys)
-    # The op's body may return only tensors, lists, tuples and dicts: flatten our NamedTuples.
-    leaves, treedef = optree.tree_flatten(carry)
-
-    def flat_body(leaves: list[torch.Tensor], x: Any) -> tuple[list[torch.Tensor], Any]:
-        carry, y = body(optree.tree_unflatten(treedef, leaves), x)
-        return optree.tree_leaves(carry), y
-
-    leaves, ys = _scan_hop(flat_body, leaves, xs)
-    return optree.tree_unflatten(treedef, leaves), ys
-
-
-def check_randomness(randomness: str) -> Randomness:
-    if randomness not in _RANDOMNESS:
-        raise FuncaccumError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
-    return randomness  # type: ignore[return-value]
-
-
-def under_vmap(fn: Callable[..., Any], *args: Any) -> Any:
-    """Call a vmapped ``fn``; a failure inside vmap gets an error that says what to do."""
-    if torch.compiler.is_compiling():
-        return fn(*args)
-    try:
-        return fn(*args)
-    except RuntimeError as error:
-        if "randomness" in str(error):
-            raise FuncaccumError(
-                "loss_fn draws random numbers (dropout?) under vmap. Choose what microbatches "
-                "see: vmap(randomness='different') (independent draws, as a sequential loop "
-                "gives) or vmap(randomness='same') (one draw shared by every microbatch)."
-            ) from error
-        raise FuncaccumError(
-            f"loss_fn failed under torch.func.vmap, which the vmap and chunked strategies "
-            f"use: {str(error).splitlines()[0]}\nIf the loss runs without vmap, the model uses "
-            "something vmap cannot batch (data-dependent control flow such as a padding-mask "
-            "check, an in-place write into an unbatched tensor, an op without a batching rule; "
-            "nn.LSTM is one): use strategy=scan(), which runs each microbatch as it is."
-        ) from error
 
 
 class Scan(NamedTuple):
     """One microbatch at a time: gradient memory independent of ``K``. From :func:`scan`."""
 
     def build(self, folder: Folder) -> GroupRunner:
-        """Eagerly a Python loop over plain autograd; traced, the ``scan`` op over torch.func."""
+        """One gradient per microbatch, folded in order, through :meth:`Folder.loop`."""
 
         def run(
             params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
         ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
-            if torch.compiler.is_compiling():
-
-                def body(carry: tuple, microbatch: PyTree) -> tuple[tuple, tuple]:
-                    state, model_state = carry
-                    grads, out = folder.grad(params, model_state, microbatch, group.size)
-                    new_carry = (folder.add(state, grads, out), out.model_state)
-                    return new_carry, (out.loss, out.weight, out.aux)  # a plain tuple for scan
-
-                (state, model_state), ys = _scan(body, (state, model_state), group.batch)
-                return state, MicrobatchOutput(*ys), model_state
-            outputs = []
-            for i in range(group.count):
-                microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
-                grads, out = folder.autograd(params, model_state, microbatch, group.size)
-                state = folder.add(state, grads, out)
+            def body(carry: tuple[FoldState, PyTree], microbatch: PyTree) -> tuple[Any, Any]:
+                state, model_state = carry
+                grads, out = folder.value_and_grad(params, model_state, microbatch, group.size)
                 # Each microbatch sees the model state the one before it left.
-                model_state = out.model_state
-                outputs.append(MicrobatchOutput(out.loss, out.weight, out.aux))
-            return state, stack(outputs), model_state
+                return (folder.add(state, grads, out), out.model_state), (
+                    out.loss,
+                    out.weight,
+                    out.aux,
+                )
+
+            (state, model_state), ys = folder.loop(body, (state, model_state), group.batch)
+            return state, MicrobatchOutput(*ys), model_state
 
         return run
 
@@ -188,11 +116,16 @@ def scan() -> Scan:
     return Scan()
 
 
+ChunkRunner = Callable[
+    [PyTree, FoldState, PyTree, PyTree, int], tuple[FoldState, MicrobatchOutput, PyTree]
+]
+
+
 def _chunk_runner(
     folder: Folder, randomness: Randomness, combine: CombineStates | None
-) -> Callable[..., Any]:
+) -> ChunkRunner:
     """Fold a stacked chunk of microbatches, their gradients taken together under vmap."""
-    has_state = folder.options.has_state
+    has_state = folder.spec.has_state
     if has_state and combine is None:
         raise FuncaccumError(
             "has_state=True (batch norm's running statistics, say) under vmap needs to know how "
@@ -200,6 +133,7 @@ def _chunk_runner(
             "norm; or strategy=scan(), where each microbatch sees the state the one before "
             "it left, in order"
         )
+    batched = folder.vmap(folder.value_and_grad, (None, 0, 0, None), randomness)
 
     def chunk_step(
         params: PyTree, state: FoldState, model_state: PyTree, chunk: PyTree, size: int
@@ -207,24 +141,14 @@ def _chunk_runner(
         count = optree.tree_leaves(chunk)[0].shape[0]
         # Every microbatch starts from the same state, a copy each (layers update it in place).
         starts = optree.tree_map(lambda x: x.expand(count, *x.shape), model_state)
-        batched = _vmap(folder.grad, in_dims=(None, 0, 0, None), randomness=randomness)
-        grads, out = under_vmap(batched, params, starts, chunk, size)
-        if has_state:
+        grads, out = batched(params, starts, chunk, size)
+        if combine is not None:
             model_state = combine(model_state, out.model_state)
         # The state is returned apart; torch 2.11's Dynamo cannot trace NamedTuple._replace.
         outputs = MicrobatchOutput(out.loss, out.weight, out.aux)
         return folder.add(state, grads, out), outputs, model_state
 
-    compiled_step = folder.compile(chunk_step)
-
-    def run_chunk(
-        params: PyTree, state: FoldState, model_state: PyTree, chunk: PyTree, size: int
-    ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
-        # Inside a caller's compiled region the plain function is traced into its graph.
-        step = chunk_step if torch.compiler.is_compiling() else compiled_step
-        return step(params, state, model_state, chunk, size)
-
-    return run_chunk
+    return folder.compile(chunk_step)
 
 
 class Vmap(NamedTuple):
@@ -276,38 +200,27 @@ class Chunked(NamedTuple):
     model_state: CombineStates | None = None
 
     def build(self, folder: Folder) -> GroupRunner:
-        """Whole chunks in a loop (the ``scan`` op when traced), then one partial chunk."""
+        """Whole chunks through :meth:`Folder.loop`, then one partial chunk."""
         run_chunk = _chunk_runner(folder, self.randomness, self.model_state)
         size = self.size
 
         def run(
             params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
         ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
-            whole, rest_count = divmod(group.count, size)
+            whole, rest = divmod(group.count, size)
             outputs = []
             if whole:
                 chunks = optree.tree_map(
                     lambda x: x[: whole * size].unflatten(0, (whole, size)), group.batch
                 )
-                if torch.compiler.is_compiling():
 
-                    def body(carry: tuple, chunk: PyTree) -> tuple[tuple, tuple]:
-                        state, y, model_state = run_chunk(params, *carry, chunk, group.size)
-                        return (state, model_state), tuple(y)  # a plain tuple for scan
+                def body(carry: tuple[FoldState, PyTree], chunk: PyTree) -> tuple[Any, Any]:
+                    state, y, model_state = run_chunk(params, *carry, chunk, group.size)
+                    return (state, model_state), tuple(y)  # a plain tuple for scan
 
-                    (state, model_state), ys = _scan(body, (state, model_state), chunks)
-                    ys = MicrobatchOutput(*ys)
-                else:
-                    parts = []
-                    for i in range(whole):
-                        chunk = optree.tree_map(lambda x, i=i: x[i], chunks)
-                        state, y, model_state = run_chunk(
-                            params, state, model_state, chunk, group.size
-                        )
-                        parts.append(y)
-                    ys = stack(parts)
-                outputs.append(optree.tree_map(lambda y: y.flatten(0, 1), ys))
-            if rest_count:
+                (state, model_state), ys = folder.loop(body, (state, model_state), chunks)
+                outputs.append(optree.tree_map(lambda y: y.flatten(0, 1), MicrobatchOutput(*ys)))
+            if rest:
                 remainder = optree.tree_map(lambda x: x[whole * size :], group.batch)
                 state, ys, model_state = run_chunk(
                     params, state, model_state, remainder, group.size
@@ -343,7 +256,7 @@ def chunked(
     )
 
 
-def _check_combine(model_state: Any) -> CombineStates | None:
+def _check_combine(model_state: object) -> CombineStates | None:
     if model_state is not None and not callable(model_state):
         raise FuncaccumError(
             "model_state must be combine(old, stacked) -> state, such as "

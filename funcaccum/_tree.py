@@ -6,8 +6,8 @@ what is here serves reducers, update rules and error messages.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeAlias, TypeVar
 
 import optree
 import torch
@@ -24,7 +24,10 @@ __all__ = [
     "unit_squared_norms",
 ]
 
-PyTree = Any
+PyTree: TypeAlias = torch.Tensor | tuple[Any, ...] | list[Any] | Mapping[Any, Any] | None
+"""A nesting of tuples (NamedTuples included), lists and dicts with tensors at the leaves;
+None marks an absent leaf. Typed one level deep: the checker refuses a number, an array or a
+module where a tree belongs."""
 
 
 def accum_dtype(dtype: torch.dtype, override: torch.dtype | None = None) -> torch.dtype:
@@ -81,6 +84,8 @@ def tree_device(tree: PyTree) -> torch.device | None:
     return leaves[0].device if leaves else None
 
 
+Tree = TypeVar("Tree", bound=PyTree)
+
 Scalar = float | torch.Tensor
 
 
@@ -100,13 +105,13 @@ class Leaves:
 
     __slots__ = ("tensors",)
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tensors
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
 
     def _apply(
         self,
-        foreach: Callable[..., list[torch.Tensor]],
-        single: Callable[..., torch.Tensor],
+        foreach: Callable[..., Any],
+        single: Callable[..., Any],
         *other: Leaves | Scalar,
     ) -> Leaves:
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
@@ -171,7 +176,7 @@ def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:
     return [o if t is None else (t if i is None else t[i]) for o, t in pairs]
 
 
-def foreach_map(fn: Callable[..., Leaves], tree: PyTree, *rest: PyTree) -> PyTree:
+def foreach_map(fn: Callable[..., Leaves], tree: Tree, *rest: PyTree) -> Tree:
     """``fn`` applied to the leaves of trees shaped like ``tree``, all leaves at once.
 
     ``fn`` receives one :class:`Leaves` per tree and returns one; write it as

@@ -145,9 +145,10 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
     interval = _interval(low, high, True, True)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise FuncaccumError(f"{name} must be an int{interval}, got {describe(value)}")
-    if (low is not None and value < low) or (high is not None and value > high):
+    number = int(value)
+    if (low is not None and number < low) or (high is not None and number > high):
         raise FuncaccumError(f"{name} must be{interval}, got {value}")
-    return int(value)
+    return number
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -253,7 +254,7 @@ def maker_of(state_type: type) -> str | None:
 
     Every state class's docstring begins "State of :func:`maker`".
 
-    >>> from funcaccum import ClippedMeanState
+    >>> from funcaccum.extend import ClippedMeanState
     >>> maker_of(ClippedMeanState)
     'clipped_mean()'
     """
@@ -272,7 +273,7 @@ def check_state(
         owner: who is checking, for the message, such as ``"mean()"``.
         role: the function that got the state (``"update"``, ``"finalize"``, ``"fold"``).
 
-    >>> from funcaccum import MeanState
+    >>> from funcaccum.extend import MeanState
     >>> check_state({"w": torch.zeros(1)}, MeanState, owner="mean()", role="finalize")
     Traceback (most recent call last):
     ...

@@ -33,7 +33,7 @@ import functools
 import optree
 import torch
 
-from ._tree import PyTree, accum_dtype, foreach_map, sum_over_leaves
+from ._tree import PyTree, Tree, accum_dtype, foreach_map, sum_over_leaves
 
 __all__ = [
     "add",
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 
-def add(*trees: PyTree) -> PyTree:
+def add(*trees: Tree) -> Tree:
     """Leafwise sum of one or more trees of the same structure.
 
     >>> g = torch.Generator().manual_seed(0)
@@ -62,7 +62,7 @@ def add(*trees: PyTree) -> PyTree:
     return foreach_map(lambda *xs: sum(xs[1:], xs[0]), *trees)
 
 
-def sub(a: PyTree, b: PyTree) -> PyTree:
+def sub(a: Tree, b: Tree) -> Tree:
     """Leafwise ``a - b``.
 
     >>> g = torch.Generator().manual_seed(0)
@@ -73,7 +73,7 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
     return foreach_map(lambda x, y: x - y, a, b)
 
 
-def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
+def scale(tree: Tree, factor: float | torch.Tensor) -> Tree:
     """Every leaf multiplied by ``factor`` (a number or a 0-d tensor), in the leaf's dtype.
 
     >>> g = torch.Generator().manual_seed(0)
@@ -85,7 +85,7 @@ def scale(tree: PyTree, factor: float | torch.Tensor) -> PyTree:
     return foreach_map(lambda x: x.mul(factor), tree)
 
 
-def zeros_like(tree: PyTree, *, dtype: torch.dtype | None = None) -> PyTree:
+def zeros_like(tree: Tree, *, dtype: torch.dtype | None = None) -> Tree:
     """Fresh zero tensors shaped like the leaves; ``dtype`` overrides each leaf's dtype.
 
     >>> g = torch.Generator().manual_seed(0)
@@ -97,7 +97,7 @@ def zeros_like(tree: PyTree, *, dtype: torch.dtype | None = None) -> PyTree:
     return optree.tree_map(lambda x: torch.zeros_like(x, dtype=dtype), tree)
 
 
-def cast(tree: PyTree, dtype: torch.dtype | None) -> PyTree:
+def cast(tree: Tree, dtype: torch.dtype | None) -> Tree:
     """Floating leaves cast to ``dtype``; other leaves (all, if ``dtype`` is None) unchanged.
 
     >>> g = torch.Generator().manual_seed(0)
@@ -154,9 +154,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def weighted_sum(
-    tree: PyTree, weights: torch.Tensor, *, dtype: torch.dtype | None = None
-) -> PyTree:
+def weighted_sum(tree: Tree, weights: torch.Tensor, *, dtype: torch.dtype | None = None) -> Tree:
     """``sum_i weights[i] * leaf[i]`` over the leading axis of every leaf.
 
     Sums in ``dtype`` (default: at least float32), as one matrix-vector
@@ -185,7 +183,7 @@ def weighted_sum(
     return optree.tree_map(weighted, tree)
 
 
-def add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTree:
+def add_weighted(acc: Tree, tree: PyTree, weights: torch.Tensor) -> Tree:
     """``acc + sum_i weights[i] * tree[i]``, in ``acc``'s dtypes, for accumulators.
 
     A 0-d ``weights`` adds one tree scaled by it; a ``(k,)`` ``weights`` adds
@@ -207,7 +205,7 @@ def add_weighted(acc: PyTree, tree: PyTree, weights: torch.Tensor) -> PyTree:
     )
 
 
-def lerp(start: PyTree, end: PyTree, weight: float | torch.Tensor) -> PyTree:
+def lerp(start: Tree, end: Tree, weight: float | torch.Tensor) -> Tree:
     """``start + weight * (end - start)``, leafwise: one step of an exponential moving average.
 
     Weight averaging is ``average = tree.lerp(average, params, 1 - decay)``
@@ -221,7 +219,7 @@ def lerp(start: PyTree, end: PyTree, weight: float | torch.Tensor) -> PyTree:
     return foreach_map(lambda a, b: a + (b - a).mul(weight), start, end)
 
 
-def select(pred: torch.Tensor, on_true: PyTree, on_false: PyTree) -> PyTree:
+def select(pred: torch.Tensor, on_true: Tree, on_false: Tree) -> Tree:
     """Leafwise ``torch.where(pred, on_true, on_false)`` for a boolean 0-d ``pred``.
 
     The result is bit-identical to the chosen tree, so a rejected update leaves

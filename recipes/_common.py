@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `python recipes/NAME.py` puts recipes/ on the path, not the root
     sys.path.insert(0, str(ROOT))
 
-__all__ = ["Recipe", "add_step_flags", "parser", "pick_device", "strategy_options"]
+__all__ = ["Recipe", "add_step_flags", "parser", "pick_device", "strategy"]
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -58,9 +58,9 @@ def add_step_flags(
     )
 
 
-def strategy_options(args: argparse.Namespace) -> dict[str, Any]:
-    """``train_step``'s ``strategy`` from ``--strategy`` (``chunked``: chunks of 2)."""
-    return {"strategy": fa.chunked(2) if args.strategy == "chunked" else args.strategy}
+def strategy(args: argparse.Namespace) -> fa.extend.Strategy | str:
+    """The accumulation's ``strategy`` from ``--strategy`` (``chunked``: chunks of 2)."""
+    return fa.chunked(2) if args.strategy == "chunked" else args.strategy
 
 
 def pick_device(name: str) -> torch.device:

@@ -96,10 +96,10 @@ def main() -> None:
     step = fa.train_step(
         loss_fn,
         optimizer=fa.optim.adamw(schedule, weight_decay=0.01),
-        num_microbatches=args.microbatches,
-        has_weight=True,
         compile=args.compile,
-        **_common.strategy_options(args),
+        accumulation=fa.Accumulation(
+            num_microbatches=args.microbatches, has_weight=True, strategy=_common.strategy(args)
+        ),
     )
     state = step.init(params)
     tokens_seen, compile_seconds, timed_seconds = 0.0, 0.0, 0.0
@@ -111,19 +111,19 @@ def main() -> None:
             batch = {k: v[rows] for k, v in train.items()}
             start = time.perf_counter()
             state, metrics = step(state, batch)
-            loss = float(metrics["loss"])  # waits for the step
+            loss = float(metrics.loss)  # waits for the step
             elapsed = time.perf_counter() - start
             if t == 0:
                 compile_seconds = elapsed
             else:
                 timed_seconds += elapsed
-                tokens_seen += float(metrics["weight"])
+                tokens_seen += float(metrics.weight)
             recipe.log(
                 step=t,
                 loss=loss,
-                tokens=metrics["weight"],
-                learning_rate=metrics["learning_rate"],
-                grad_norm=metrics["grad_norm"],
+                tokens=metrics.weight,
+                learning_rate=metrics.learning_rate,
+                grad_norm=metrics.grad_norm,
                 seconds=elapsed,
             )
             advance(loss=loss)
@@ -134,7 +134,7 @@ def main() -> None:
     sample = generate(apply, state.params, buffers, b"def ", 120, args.context, args.seed, device)
     padding = 1 - float(mask[:, 1:].float().mean())
     rows = [
-        ["training loss (last step, per token)", float(metrics["loss"])],
+        ["training loss (last step, per token)", float(metrics.loss)],
         ["validation loss (per token)", valid_loss],
         ["validation bits per byte", valid_loss / 0.6931471805599453],
         ["tokens per second", tokens_seen / timed_seconds if timed_seconds else 0.0],

@@ -74,10 +74,10 @@ def main() -> None:
     step = fa.train_step(
         loss_fn,
         optimizer=fa.optim.adamw(args.lr),
-        reducer=reducer,
-        num_microbatches=args.microbatches,
+        accumulation=fa.Accumulation(reducer=reducer, num_microbatches=args.microbatches),
+        compile=args.compile,
     )
-    parallel = fa.distributed.DataParallel(step, timeout=args.timeout, compile=args.compile)
+    parallel = fa.distributed.DataParallel(step, timeout=args.timeout)
     state = parallel.init(params)
 
     collectives, sent = [0], [0]
@@ -100,11 +100,11 @@ def main() -> None:
             state, metrics = parallel(state, local)
             recipe.log(
                 step=t,
-                loss=metrics["loss"],
-                weight=metrics["weight"],
-                grad_norm=metrics["grad_norm"],
+                loss=metrics.loss,
+                weight=metrics.weight,
+                grad_norm=metrics.grad_norm,
             )
-            advance(loss=metrics["loss"])
+            advance(loss=metrics.loss)
     dist.all_reduce = all_reduce
     flat = torch.cat([v.reshape(-1) for v in state.params.values()])
     spread = flat.clone()
@@ -117,8 +117,8 @@ def main() -> None:
         [
             ["processes", world],
             ["optimizer steps", int(state.step)],
-            ["final loss (global batch)", float(metrics["loss"])],
-            ["examples per step", float(metrics["weight"])],
+            ["final loss (global batch)", float(metrics.loss)],
+            ["examples per step", float(metrics.weight)],
             ["all-reduces per step", collectives[0] / args.steps],
             ["bytes all-reduced per step", sent[0] / args.steps],
             ["params bit-identical on every rank", identical],

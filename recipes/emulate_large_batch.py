@@ -129,13 +129,9 @@ def main() -> None:
     step = fa.train_step(
         loss_fn,
         optimizer=fa.optim.sgd(args.lr),
-        num_microbatches=k,
-        **_common.strategy_options(args),
+        accumulation=fa.Accumulation(num_microbatches=k, strategy=_common.strategy(args)),
+        compile="step" if args.compile else False,
     )
-    # fold and apply are the two halves of step(); apart, they let us see the gradient applied.
-    fold, apply_update = step.fold, step.apply
-    if args.compile:
-        fold, apply_update = (torch.compile(f, fullgraph=True) for f in (fold, apply_update))
     state = step.init(params)
     gradient_error["funcaccum 4 x 32"] = 0.0
     deviation = dict.fromkeys(gradient_error, 0.0)
@@ -150,9 +146,10 @@ def main() -> None:
                 error = float((applied - truth).norm() / truth.norm())
                 gradient_error[name] = max(gradient_error[name], error)
             truth = true_gradient(list(state.params.values()), batch)
-            folded = fold(state, batch)
-            applied = flat(step.accumulation.finalize(folded).grads)
-            state, metrics = apply_update(state, folded)
+            # fold and apply are the two halves of a step; apart, they show the gradient applied.
+            folded = step.fold(state, batch)
+            applied = flat(step.accumulation.finalize(folded.state).grads)
+            state, metrics = step.apply(state, folded)
             error = float((applied - truth).norm() / truth.norm())
             gradient_error["funcaccum 4 x 32"] = max(gradient_error["funcaccum 4 x 32"], error)
             reference = flat(list(runs["batch 128"].parameters()))
@@ -163,9 +160,9 @@ def main() -> None:
                 deviation["funcaccum 4 x 32"], float((flat(state.params) - reference).abs().max())
             )
             recipe.log(
-                step=t, loss=metrics["loss"], grad_norm=metrics["grad_norm"], gradient_error=error
+                step=t, loss=metrics.loss, grad_norm=metrics.grad_norm, gradient_error=error
             )
-            advance(loss=metrics["loss"])
+            advance(loss=metrics.loss)
 
     final_model = copy.deepcopy(initial)
     final_model.load_state_dict(state.params, strict=False)

@@ -71,7 +71,9 @@ def main() -> None:
     with recipe.progress("training four ways", total_steps) as advance:
         for name, mode in modes.items():
             step = fa.train_step(
-                loss_fn, optimizer=fa.optim.sgd(args.lr), microbatch_size=mode["microbatch_size"]
+                loss_fn,
+                optimizer=fa.optim.sgd(args.lr),
+                accumulation=fa.Accumulation(microbatch_size=mode["microbatch_size"]),
             )
             state = step.init(
                 {"w": torch.zeros(1, 1, device=device), "b": torch.zeros(1, device=device)}
@@ -81,15 +83,15 @@ def main() -> None:
                 for start in range(0, n, mode["batch"]):
                     batch = (x[start : start + mode["batch"]], y[start : start + mode["batch"]])
                     state, metrics = step(state, batch)
-                    loss_sum += metrics["loss"] * metrics["weight"]
-                    weight_sum += float(metrics["weight"])
-                    advance(loss=metrics["loss"])
+                    loss_sum += metrics.loss * metrics.weight
+                    weight_sum += float(metrics.weight)
+                    advance(loss=metrics.loss)
                 epoch_mean = float(loss_sum) / weight_sum
                 recipe.log(
                     mode=name,
                     epoch=epoch,
                     epoch_mean_loss=epoch_mean,
-                    last_batch_loss=metrics["loss"],
+                    last_batch_loss=metrics.loss,
                     steps=state.step,
                 )
             final = float(loss_fn(state.params, (x, y)))
@@ -99,7 +101,7 @@ def main() -> None:
                     mode["batch"],
                     int(state.step),
                     epoch_mean,
-                    float(metrics["loss"]),
+                    float(metrics.loss),
                     final,
                     float(state.params["w"][0, 0]),
                     float(state.params["b"][0]),

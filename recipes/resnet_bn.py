@@ -4,7 +4,7 @@ Batch norm in training mode is what stops most accumulation libraries: each
 microbatch is normalised with its own statistics, and the running statistics
 are updated once per microbatch, in order. The hand-written loop (``loss / K``,
 ``backward()`` per microbatch, one AdamW step every K) does exactly that, and
-so does ``funcaccum.train_step(..., has_state=True)`` with
+so does ``funcaccum.train_step`` with ``Accumulation(has_state=True)`` and
 ``functional_model(model, has_state=True)``. This recipe trains both from the
 same start on the same generated images and reports how far apart their
 parameters and running statistics end, and each model's accuracy in eval mode
@@ -111,8 +111,12 @@ def main() -> None:
         logits, model_state = apply(params, model_state, batch[0])
         return functional.cross_entropy(logits, batch[1]), model_state
 
-    step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(args.lr), num_microbatches=k,
-                         has_state=True, compile=args.compile)  # fmt: skip
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.adamw(args.lr),
+        compile=args.compile,
+        accumulation=fa.Accumulation(num_microbatches=k, has_state=True),
+    )  # fmt: skip
     state = step.init(params, model_state=buffers)
 
     with recipe.progress("training both", args.steps) as advance:
@@ -126,8 +130,8 @@ def main() -> None:
                 loop_loss += loss.item()
             optimizer.step()
             state, metrics = step(state, (xs, ys))
-            recipe.log(step=t, loss=metrics["loss"], loop_loss=loop_loss)
-            advance(loss=metrics["loss"])
+            recipe.log(step=t, loss=metrics.loss, loop_loss=loop_loss)
+            advance(loss=metrics.loss)
 
     fa.load_into(model, state.params, state.model_state)  # trained values back in the module
     loop_values = {n: v.detach() for n, v in loop.named_parameters()}

@@ -96,7 +96,7 @@ def main() -> None:
             loss = nn.functional.cross_entropy(logits, valid[1])
             return float(loss), float((logits.argmax(-1) == valid[1]).float().mean())
 
-    reducer: fa.Reducer = {
+    reducer: fa.extend.Reducer = {
         "mean": fa.mean(),
         "clipped": fa.clipped_mean(args.max_norm),
         "adaptive": fa.adaptive(k_max=16),
@@ -105,13 +105,13 @@ def main() -> None:
     step = fa.train_step(
         loss_fn,
         optimizer=rule,
-        reducer=reducer,
-        microbatch_size=args.microbatch_size,
-        compile=args.compile and args.reducer != "adaptive",
-        **_common.strategy_options(args),
+        compile=args.compile,
+        accumulation=fa.Accumulation(
+            reducer=reducer, microbatch_size=args.microbatch_size, strategy=_common.strategy(args)
+        ),
     )
     runner = (
-        fa.AdaptiveBatching(step, compile=args.compile)
+        fa.AdaptiveBatching(step)
         if args.reducer == "adaptive"
         else None
     )
@@ -136,28 +136,25 @@ def main() -> None:
             if runner is None:
                 for batch in epoch_batches(epoch):
                     state, metrics = step(state, batch)
-                    used += float(metrics["weight"])
+                    used += float(metrics.weight)
                     average = fa.tree.lerp(average, state.params, 1 - args.ema_decay)
-                    recipe.log(epoch=epoch, **_loggable(metrics))
+                    recipe.log(epoch=epoch, **metrics.to_dict())
             else:
                 microbatches = iter(
                     (b[0][i : i + args.microbatch_size], b[1][i : i + args.microbatch_size])
                     for b in epoch_batches(epoch)
                     for i in range(0, len(b[1]), args.microbatch_size)
                 )
-                while True:
-                    try:
-                        state, metrics = runner(state, microbatches)
-                    except StopIteration:
-                        break
-                    used += float(metrics["weight"])
+                start = state
+                for state, metrics in runner.steps(start, microbatches):
+                    used += float(metrics.weight)
                     average = fa.tree.lerp(average, state.params, 1 - args.ema_decay)
-                    recipe.log(epoch=epoch, **_loggable(metrics))
+                    recipe.log(epoch=epoch, **metrics.to_dict())
             used_per_epoch.append(used)
             valid_loss, _ = evaluate(state.params)
             if valid_loss < best["loss"]:
                 best = {"loss": valid_loss, "params": state.params, "epoch": epoch}
-            advance(loss=metrics["loss"])
+            advance(loss=metrics.loss)
 
     # The article's loop: loader batches of the microbatch size, a step every K of them,
     # the accumulator reset each epoch, so a last partial group is never applied.
@@ -186,10 +183,6 @@ def main() -> None:
             f"skipped as non-finite: {int(state.skipped)}.",
         ],
     )
-
-
-def _loggable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in metrics.items() if k != "aux"}
 
 
 if __name__ == "__main__":

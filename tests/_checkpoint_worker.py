@@ -34,21 +34,27 @@ def dropout_loss(params: dict[str, Any], batch: dict[str, torch.Tensor]) -> torc
 
 SCENARIOS: dict[str, Callable[[], fa.TrainStep]] = {
     "sgd_momentum": lambda: fa.train_step(
-        dropout_loss, optimizer=fa.optim.sgd(0.05, momentum=0.9), num_microbatches=2
+        dropout_loss,
+        optimizer=fa.optim.sgd(0.05, momentum=0.9),
+        accumulation=fa.Accumulation(num_microbatches=2),
     ),
     "adamw_warmup_cosine": lambda: fa.train_step(
         mlp_loss,
         optimizer=fa.optim.adamw(fa.optim.warmup_cosine_decay_schedule(0.0, 1e-2, 5, STEPS)),
-        num_microbatches=2,
+        accumulation=fa.Accumulation(num_microbatches=2),
     ),
     "dp_noise": lambda: fa.train_step(
         mlp_loss,
         optimizer=fa.optim.sgd(0.1),
-        reducer=fa.clipped_mean(1.0, noise_multiplier=1.0, denominator=BATCH),
-        microbatch_size=1,
+        accumulation=fa.Accumulation(
+            reducer=fa.clipped_mean(1.0, noise_multiplier=1.0, denominator=BATCH),
+            microbatch_size=1,
+        ),
     ),
     "adaptive": lambda: fa.train_step(
-        mlp_loss, optimizer=fa.optim.adam(1e-2), reducer=fa.adaptive(), num_microbatches=4
+        mlp_loss,
+        optimizer=fa.optim.adam(1e-2),
+        accumulation=fa.Accumulation(reducer=fa.adaptive(), num_microbatches=4),
     ),
 }
 

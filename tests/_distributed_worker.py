@@ -128,7 +128,11 @@ def teardown(rank: int, world: int, ports: list[str], out: Path) -> None:
             # came up (a program that imports funcaccum late): its defaults capture the group.
             sys.modules.pop("torch.distributed.nn.functional")
             importlib.import_module("torch.distributed.nn.functional")
-        step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
+        step = fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(num_microbatches=2),
+        )
         parallel = fa.distributed.DataParallel(step, timeout=30)
         state = parallel.init(mlp_params())
         for i in range(2):  # the first torch.func.grad imports torch._dynamo
@@ -180,9 +184,13 @@ def main() -> None:
                 merged = fa.distributed.all_reduce_state(folded, timeout=30)
                 assert sum(counts.values()) - sum(before.values()) == 1, counts
                 out_of = acc.finalize(merged)
-                result[f"{split}-{name}"] = (out_of.grads, out_of.loss, out_of.stats)
+                result[f"{split}-{name}"] = (out_of.grads, out_of.loss, out_of.stats._asdict())
     elif scenario == "train":
-        step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
+        step = fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.adamw(1e-2),
+            accumulation=fa.Accumulation(num_microbatches=3),
+        )
         parallel = fa.distributed.DataParallel(step, timeout=30)
         torch.manual_seed(rank)  # different local params: init must broadcast rank 0's
         state = parallel.init(fa.tree.scale(mlp_params(), 1.0 + rank))
@@ -195,13 +203,15 @@ def main() -> None:
         result = {
             "params": state.params,
             "per_step": per_step,
-            "loss": metrics["loss"],
+            "loss": metrics.loss,
             "step": state.step,
         }
     elif scenario == "float32":
         for name, make in REDUCERS32.items():
             step = fa.train_step(
-                mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=make(), num_microbatches=3
+                mlp_loss,
+                optimizer=fa.optim.adamw(1e-2),
+                accumulation=fa.Accumulation(reducer=make(), num_microbatches=3),
             )
             parallel = fa.distributed.DataParallel(step, timeout=30)
             state = parallel.init(mlp_params(torch.float32))
@@ -210,11 +220,13 @@ def main() -> None:
                 batch = classification_batch(20, dtype=torch.float32, seed=i)
                 state, metrics = parallel(state, shard(batch, rank, FLOAT32_SPLIT))
             per_step = {k: (counts[k] - before[k]) / FLOAT32_STEPS for k in COLLECTIVES}
-            result[name] = {"params": state.params, "per_step": per_step, "loss": metrics["loss"]}
+            result[name] = {"params": state.params, "per_step": per_step, "loss": metrics.loss}
     elif scenario == "batchnorm":
         apply, params, buffers = fa.functional_model(conv_bn_model(), has_state=True)
         step = fa.train_step(
-            bn_loss(apply), optimizer=fa.optim.adamw(1e-2), microbatch_size=4, has_state=True
+            bn_loss(apply),
+            optimizer=fa.optim.adamw(1e-2),
+            accumulation=fa.Accumulation(microbatch_size=4, has_state=True),
         )
         parallel = fa.distributed.DataParallel(step, timeout=30)
         if rank == 1:  # init must broadcast rank 0's params and statistics
@@ -225,11 +237,15 @@ def main() -> None:
         history = [(state.params, state.model_state, False)]
         for i, split in enumerate(BN_SPLITS):
             state, metrics = parallel(state, shard(bn_batch(i), rank, split))
-            history.append((state.params, state.model_state, bool(metrics["skipped"])))
+            history.append((state.params, state.model_state, bool(metrics.skipped)))
         per_step = {k: (counts[k] - after_init[k]) / len(BN_SPLITS) for k in COLLECTIVES}
         result = {"history": history, "per_step": per_step}
     elif scenario == "killed":
-        step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
+        step = fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(num_microbatches=2),
+        )
         parallel = fa.distributed.DataParallel(
             step, timeout=float(os.environ.get("FA_TIMEOUT", "5"))
         )
@@ -248,7 +264,11 @@ def main() -> None:
                 }
                 break
     elif scenario == "stalled":
-        step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), num_microbatches=2)
+        step = fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(num_microbatches=2),
+        )
         parallel = fa.distributed.DataParallel(step, timeout=3.0)
         state = parallel.init(params)
         if rank == 1:

@@ -6,9 +6,19 @@ import socket
 from itertools import pairwise
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional
+
+SLOW_MARKERS = ("compile", "subprocess", "distributed", "recipe", "models")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that compiles, starts processes or trains third-party models is slow too."""
+    for item in items:
+        if any(item.get_closest_marker(name) for name in SLOW_MARKERS):
+            item.add_marker(pytest.mark.slow)
 
 
 def mlp_params(
@@ -93,6 +103,7 @@ def free_port() -> str:
 # The public modules: tests/test_api.py and tests/test_api_examples.py check each one's __all__.
 PUBLIC_MODULES = [
     "funcaccum",
+    "funcaccum.extend",
     "funcaccum.optim",
     "funcaccum.testing",
     "funcaccum.distributed",

@@ -111,9 +111,9 @@ def test_clipped_mean_equals_hand_written_loop(options: dict) -> None:
         mlp_loss, params, batch, reducer=fa.clipped_mean(0.3), num_microbatches=8, **options
     )
     assert_trees_allclose(result.grads, clip_loop(params, batch, 8, 0.3), rtol=1e-10, atol=1e-13)
-    assert 0 < result.stats["clip_fraction"].item() <= 1
-    assert result.stats["norm_max"] >= result.stats["norm_mean"] > result.stats["clipped_norm_mean"]
-    assert result.stats["clipped_norm_mean"] <= 0.3 + 1e-12
+    assert 0 < result.stats.clip_fraction.item() <= 1
+    assert result.stats.norm_max >= result.stats.norm_mean > result.stats.clipped_norm_mean
+    assert result.stats.clipped_norm_mean <= 0.3 + 1e-12
 
 
 def test_clipped_mean_with_unreachable_threshold_is_the_mean() -> None:
@@ -123,7 +123,7 @@ def test_clipped_mean_with_unreachable_threshold_is_the_mean() -> None:
     )
     plain = fa.accumulate(mlp_loss, params, batch, num_microbatches=5)
     assert_trees_allclose(clipped.grads, plain.grads, rtol=1e-12, atol=0)
-    assert clipped.stats["clip_fraction"].item() == 0
+    assert clipped.stats.clip_fraction.item() == 0
 
 
 def test_clipped_mean_stats_by_hand() -> None:
@@ -133,10 +133,10 @@ def test_clipped_mean_stats_by_hand() -> None:
     state = reducer.update(state, {"w": torch.tensor([0.0, 0.5])}, torch.tensor(3.0))
     grads, stats = reducer.finalize(state)
     torch.testing.assert_close(grads["w"], torch.tensor([0.6, 0.8 + 1.5]) / 4)
-    assert stats["clip_fraction"].item() == 0.5
-    assert stats["norm_mean"].item() == pytest.approx(2.75)
-    assert stats["norm_max"].item() == pytest.approx(5.0)
-    assert stats["clipped_norm_mean"].item() == pytest.approx(0.75)
+    assert stats.clip_fraction.item() == 0.5
+    assert stats.norm_mean.item() == pytest.approx(2.75)
+    assert stats.norm_max.item() == pytest.approx(5.0)
+    assert stats.clipped_norm_mean.item() == pytest.approx(0.75)
 
 
 def test_clipped_mean_never_drops_an_infinite_gradient() -> None:
@@ -151,7 +151,9 @@ def test_clipped_mean_never_drops_an_infinite_gradient() -> None:
 
 @pytest.mark.parametrize("reducer", [fa.mean(), fa.clipped_mean(0.2)], ids=["mean", "clipped"])
 @pytest.mark.parametrize("options", STRATEGIES)
-def test_an_all_padding_microbatch_contributes_nothing(reducer: fa.Reducer, options: dict) -> None:
+def test_an_all_padding_microbatch_contributes_nothing(
+    reducer: fa.extend.Reducer, options: dict
+) -> None:
     params, batch = sequence_params(), sequence_batch(12)
     batch["mask"][4:8] = False  # the second of three microbatches is all padding
     assert torch.isnan(token_weighted_loss(params, {k: v[4:8] for k, v in batch.items()})[0])
@@ -174,7 +176,7 @@ def test_an_all_padding_microbatch_contributes_nothing(reducer: fa.Reducer, opti
 
 
 @pytest.mark.parametrize("reducer", [fa.mean(), fa.clipped_mean(0.2)], ids=["mean", "clipped"])
-def test_partial_states_merge_to_the_whole(reducer: fa.Reducer) -> None:
+def test_partial_states_merge_to_the_whole(reducer: fa.extend.Reducer) -> None:
     params, batch = mlp_params(), classification_batch(19)
     # Same microbatch boundaries in the parts as in the whole: 3,3,3 | 3,3,3,1.
     acc = fa.Accumulation(reducer=reducer, microbatch_size=3)

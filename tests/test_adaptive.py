@@ -38,8 +38,8 @@ def test_every_strategy_gives_the_same_statistics(options: dict) -> None:
     reference = token_stats(strategy="scan")
     result = token_stats(**options)
     assert_trees_allclose(
-        {k: result.stats[k] for k in RAW},
-        {k: reference.stats[k] for k in RAW},
+        {k: getattr(result.stats, k) for k in RAW},
+        {k: getattr(reference.stats, k) for k in RAW},
         rtol=1e-12,
         atol=1e-12,
     )
@@ -59,7 +59,7 @@ def test_merged_parts_and_permuted_microbatches_give_the_same_statistics() -> No
     params, batch = sequence_params(), sequence_batch(12)
     acc = fa.Accumulation(reducer=fa.adaptive(), microbatch_size=2, has_weight=True)
 
-    def fold(part: dict) -> fa.FoldState:
+    def fold(part: dict) -> fa.extend.FoldState:
         return acc.fold(token_weighted_loss, params, part)
 
     whole = acc.finalize(fold(batch))
@@ -73,8 +73,8 @@ def test_merged_parts_and_permuted_microbatches_give_the_same_statistics() -> No
     shuffled = acc.finalize(fold(permuted))
     for other in (merged, shuffled):
         assert_trees_allclose(
-            {k: other.stats[k] for k in RAW},
-            {k: whole.stats[k] for k in RAW},
+            {k: getattr(other.stats, k) for k in RAW},
+            {k: getattr(whole.stats, k) for k in RAW},
             rtol=1e-12,
             atol=1e-12,
         )
@@ -100,7 +100,7 @@ def test_monte_carlo_estimates_are_unbiased_and_the_naive_ones_are_not() -> None
                 state, grad(quadratic_loss)({"w": w}, unit), torch.tensor(float(size))
             )
             start += size
-        trace, grad_sq = fa.noise_statistics(state)
+        trace, grad_sq = fa.extend.noise_statistics(state)
         k, n = len(sizes), sum(sizes)
         scatter = trace * (k - 1)
         return torch.stack([trace, grad_sq, scatter / k, grad_sq + trace / n])
@@ -132,9 +132,11 @@ def test_scaling_the_loss_leaves_noise_scale_and_step_scale_unchanged() -> None:
         scaled, params, batch, reducer=fa.adaptive(), num_microbatches=8
     ).stats
     for key in ("noise_scale", "step_scale", "suggested_k"):
-        torch.testing.assert_close(scaled_stats[key], plain[key], rtol=1e-10, atol=0)
+        torch.testing.assert_close(
+            getattr(scaled_stats, key), getattr(plain, key), rtol=1e-10, atol=0
+        )
     torch.testing.assert_close(
-        scaled_stats["noise_trace"], 7.5**2 * plain["noise_trace"], rtol=1e-10, atol=0
+        scaled_stats.noise_trace, 7.5**2 * plain.noise_trace, rtol=1e-10, atol=0
     )
 
 
@@ -144,15 +146,15 @@ def test_no_noise_gives_step_scale_one_and_no_gradient_gives_n_over_base() -> No
     stats = fa.accumulate(
         quadratic_loss, params, identical, reducer=fa.adaptive(), num_microbatches=8
     ).stats
-    assert stats["step_scale"].item() == pytest.approx(1.0, abs=1e-12)
+    assert stats.step_scale.item() == pytest.approx(1.0, abs=1e-12)
     half = torch.randn(16, 3, dtype=torch.float64)
     centred = torch.cat([half, -half])  # the batch mean is exactly w: G = 0 in the sample
     reducer = fa.adaptive(base_batch_size=2.0)
     stats = fa.accumulate(
         quadratic_loss, params, centred, reducer=reducer, num_microbatches=8
     ).stats
-    assert stats["step_scale"].item() == pytest.approx(32 / 2.0, rel=1e-12)
-    assert stats["suggested_k"].item() == 64  # no gradient signal: the most microbatches
+    assert stats.step_scale.item() == pytest.approx(32 / 2.0, rel=1e-12)
+    assert stats.suggested_k.item() == 64  # no gradient signal: the most microbatches
 
 
 def test_step_scale_stays_between_one_and_n_over_base() -> None:
@@ -164,7 +166,7 @@ def test_step_scale_stays_between_one_and_n_over_base() -> None:
         reducer = fa.adaptive(base_batch_size=4.0)
         r = fa.accumulate(
             quadratic_loss, params, batch, reducer=reducer, num_microbatches=12
-        ).stats["step_scale"]
+        ).stats.step_scale
         assert 1 - 1e-12 <= r.item() <= 48 / 4.0 + 1e-12
 
 
@@ -181,57 +183,61 @@ def test_suggested_k_reaches_the_norm_test_fixed_point() -> None:
     step = fa.train_step(
         quadratic_loss,
         optimizer=fa.optim.sgd(0.0),
-        reducer=reducer,
-        num_microbatches=k,
-        strategy="vmap",
+        accumulation=fa.Accumulation(reducer=reducer, num_microbatches=k, strategy="vmap"),
     )  # a zero learning rate holds the params at a fixed point
     state = step.init({"w": torch.zeros(d, dtype=torch.float64)})
     for batch in isotropic_stream(600, k, d, torch.Generator().manual_seed(2)):
         state, metrics = step(state, batch)
-    assert metrics["noise_scale"].item() == pytest.approx(16.0, rel=0.1)
-    assert metrics["suggested_k"].item() == pytest.approx(64, rel=0.1)
+    assert metrics.stats.noise_scale.item() == pytest.approx(16.0, rel=0.1)
+    assert metrics.stats.suggested_k.item() == pytest.approx(64, rel=0.1)
 
 
 def test_the_predictive_controller_settles_on_the_suggested_k() -> None:
     """B = 18, microbatches of 4, theta = 1: ceil(18 / 4) = 5 microbatches per step."""
     d, m = 18, 4
-    step = fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(0.0), reducer=fa.adaptive(k_max=16))
+    step = fa.train_step(
+        quadratic_loss,
+        optimizer=fa.optim.sgd(0.0),
+        accumulation=fa.Accumulation(reducer=fa.adaptive(k_max=16)),
+    )
     runner = fa.AdaptiveBatching(step)
     state = step.init({"w": torch.zeros(d, dtype=torch.float64)})
     microbatches = iter(isotropic_stream(3000, m, d, torch.Generator().manual_seed(3)))
     ks = []
     for _ in range(300):
         state, metrics = runner(state, microbatches)
-        ks.append(metrics["k"])
+        ks.append(int(metrics.microbatches))
     assert ks[0] == 2  # k_min until there are statistics
     assert ks[-50:] == [5] * 50
 
 
 def test_the_sequential_controller_stops_when_ready_or_at_k_max() -> None:
     step = fa.train_step(
-        quadratic_loss, optimizer=fa.optim.sgd(0.0), reducer=fa.adaptive(theta=0.5, k_max=12)
+        quadratic_loss,
+        optimizer=fa.optim.sgd(0.0),
+        accumulation=fa.Accumulation(reducer=fa.adaptive(theta=0.5, k_max=12)),
     )
     runner = fa.AdaptiveBatching(step, controller="sequential")
     state = step.init({"w": torch.zeros(8, dtype=torch.float64)})
     microbatches = iter(isotropic_stream(2000, 4, 8, torch.Generator().manual_seed(4)))
     for _ in range(40):
         state, metrics = runner(state, microbatches)
-        assert 2 <= metrics["k"] <= 12
-        assert bool(metrics["ready"]) or metrics["k"] == 12
+        assert 2 <= metrics.microbatches <= 12
+        assert bool(metrics.stats.ready) or metrics.microbatches == 12
 
 
 def test_adaptive_batching_stops_after_too_many_non_finite_steps() -> None:
     step = fa.train_step(
         quadratic_loss,
         optimizer=fa.optim.sgd(0.1),
-        reducer=fa.adaptive(k_max=2),
         max_consecutive_skips=2,
+        accumulation=fa.Accumulation(reducer=fa.adaptive(k_max=2)),
     )
     runner = fa.AdaptiveBatching(step)
     start = step.init({"w": torch.zeros(2, dtype=torch.float64)})
     poisoned = iter(torch.full((10, 3, 2), torch.nan, dtype=torch.float64))
     state, metrics = runner(start, poisoned)
-    assert bool(metrics["skipped"])
+    assert bool(metrics.skipped)
     assert torch.equal(state.params["w"], start.params["w"])
     with pytest.raises(fa.FuncaccumError, match="2 consecutive steps had a non-finite loss"):
         runner(state, poisoned)
@@ -239,16 +245,20 @@ def test_adaptive_batching_stops_after_too_many_non_finite_steps() -> None:
 
 def test_a_short_iterator_gives_a_partial_last_step_then_stops() -> None:
     reducer = fa.adaptive(k_min=3, k_max=3)
-    step = fa.train_step(quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=reducer)
+    step = fa.train_step(
+        quadratic_loss,
+        optimizer=fa.optim.sgd(0.1),
+        accumulation=fa.Accumulation(reducer=reducer),
+    )
     runner = fa.AdaptiveBatching(step)
     state = step.init({"w": torch.zeros(2, dtype=torch.float64)})
     microbatches = iter(torch.randn(4, 5, 2, dtype=torch.float64))
     state, metrics = runner(state, microbatches)
-    assert metrics["k"] == 3
+    assert int(metrics.microbatches) == 3
     state, metrics = runner(state, microbatches)
-    assert metrics["k"] == 1
-    assert metrics["weight"].item() == 5
-    with pytest.raises(StopIteration):
+    assert int(metrics.microbatches) == 1
+    assert metrics.weight.item() == 5
+    with pytest.raises(fa.FuncaccumError, match="iterator is exhausted"):
         runner(state, microbatches)
 
 
@@ -256,29 +266,33 @@ def test_train_step_multiplies_the_step_scale_into_the_update() -> None:
     params = {"w": torch.zeros(3, dtype=torch.float64)}
     batch = torch.randn(64, 3, dtype=torch.float64) * 2 + 1
     step = fa.train_step(
-        quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=fa.adaptive(), num_microbatches=8
+        quadratic_loss,
+        optimizer=fa.optim.sgd(0.1),
+        accumulation=fa.Accumulation(reducer=fa.adaptive(), num_microbatches=8),
     )
     state, metrics = step(step.init(params), batch)
     g = grad(quadratic_loss)(params, batch)["w"]
-    r = metrics["step_scale"]
+    r = metrics.stats.step_scale
     assert r.item() > 1
     torch.testing.assert_close(state.params["w"], -0.1 * r * g, rtol=1e-12, atol=1e-15)
-    assert metrics["progress"].item() == 0
+    assert metrics.stats.progress.item() == 0
     assert state.reducer_carry.progress.item() == pytest.approx(r.item())
 
 
 def test_a_schedule_can_run_on_progress() -> None:
     schedule = fa.optim.linear_schedule(1.0, 0.0, 100)
     step = fa.train_step(
-        quadratic_loss, optimizer=fa.optim.sgd(schedule), reducer=fa.adaptive(),
-        num_microbatches=8, schedule_clock="progress",
+        quadratic_loss,
+        optimizer=fa.optim.sgd(schedule),
+        schedule_clock="progress",
+        accumulation=fa.Accumulation(reducer=fa.adaptive(), num_microbatches=8),
     )  # fmt: skip
     state = step.init({"w": torch.zeros(3, dtype=torch.float64)})
     g = torch.Generator().manual_seed(5)
     for _ in range(5):
         state, metrics = step(state, torch.randn(64, 3, generator=g, dtype=torch.float64) * 3 + 1)
-        assert metrics["learning_rate"].item() == pytest.approx(
-            schedule(metrics["progress"]).item()
+        assert metrics.learning_rate.item() == pytest.approx(
+            schedule(metrics.stats.progress).item()
         )
     assert state.reducer_carry.progress.item() > 5  # tau outruns the step count when r > 1
     # Refused when the step is built, not at its first call.
@@ -290,10 +304,10 @@ def test_a_statistic_named_like_a_control_field_changes_nothing() -> None:
     """Stats are reported only: a reducer reporting step_scale=100 does not scale the step."""
     inner = fa.mean()
 
-    def finalize(state: fa.MeanState) -> tuple:
-        grads, stats = inner.finalize(state)
+    def finalize(state: fa.extend.MeanState) -> tuple:
+        grads, _ = inner.finalize(state)
         loud = torch.tensor(100.0, dtype=torch.float64)
-        return grads, {**stats, "step_scale": loud, "progress": loud, "suggested_k": loud}
+        return grads, {"step_scale": loud, "progress": loud, "suggested_k": loud}
 
     reporting = inner._replace(finalize=finalize)
     params = {"w": torch.zeros(3, dtype=torch.float64)}
@@ -301,13 +315,15 @@ def test_a_statistic_named_like_a_control_field_changes_nothing() -> None:
     runs = []
     for reducer in (inner, reporting):
         step = fa.train_step(
-            quadratic_loss, optimizer=fa.optim.sgd(0.1), reducer=reducer, num_microbatches=4
+            quadratic_loss,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(reducer=reducer, num_microbatches=4),
         )
         state = step.init(params)
         for _ in range(3):
             state, metrics = step(state, batch)
         runs.append((state.params, metrics))
-    assert runs[1][1]["step_scale"].item() == 100.0  # reported as given ...
+    assert runs[1][1].stats["step_scale"].item() == 100.0  # reported as given ...
     assert torch.equal(runs[0][0]["w"], runs[1][0]["w"])  # ... and the step is mean's, bit for bit
     assert torch.isfinite(runs[1][0]["w"]).all()
     assert runs[1][0]["w"].abs().sum() > 0

@@ -37,6 +37,7 @@ def resumed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_a_resume_in_a_fresh_process_is_bit_identical(resumed_runs: Path, scenario: str) -> None:
     uninterrupted = fa.load(resumed_runs / f"{scenario}-uninterrupted.pt", restore_rng=False)
@@ -94,7 +95,11 @@ REDUCERS = {
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_state_round_trips(tmp_path: Path, optimizer: str) -> None:
-    step = fa.train_step(mlp_loss, optimizer=OPTIMIZERS[optimizer](), num_microbatches=3)
+    step = fa.train_step(
+        mlp_loss,
+        optimizer=OPTIMIZERS[optimizer](),
+        accumulation=fa.Accumulation(num_microbatches=3),
+    )
     state = trained(step)
     fa.save(tmp_path / "ckpt.pt", state)
     loaded = fa.load(tmp_path / "ckpt.pt", like=step.init(mlp_params(seed=9)))
@@ -109,11 +114,13 @@ def test_every_optimizer_state_round_trips(tmp_path: Path, optimizer: str) -> No
 @pytest.mark.parametrize("reducer", REDUCERS)
 def test_every_reducer_carry_round_trips(tmp_path: Path, reducer: str) -> None:
     step = fa.train_step(
-        mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=REDUCERS[reducer](), num_microbatches=3
+        mlp_loss,
+        optimizer=fa.optim.adamw(1e-2),
+        accumulation=fa.Accumulation(reducer=REDUCERS[reducer](), num_microbatches=3),
     )
     state = trained(step)
     if reducer == "adaptive":
-        assert isinstance(state.reducer_carry, fa.AdaptiveCarry)
+        assert isinstance(state.reducer_carry, fa.extend.AdaptiveCarry)
         assert state.reducer_carry.progress.item() > 0
     fa.save(tmp_path / "ckpt.pt", state)
     assert_trees_equal(fa.load(tmp_path / "ckpt.pt", like=step.init(mlp_params())).state, state)
@@ -171,7 +178,7 @@ def test_batches_consumed_counts_skipped_steps(tmp_path: Path) -> None:
     bad = classification_batch(12)
     bad["x"][0, 0] = float("nan")
     state, metrics = step(state, bad)
-    assert bool(metrics["skipped"])
+    assert bool(metrics.skipped)
     fa.save(tmp_path / "ckpt.pt", state, metadata={"epoch": 0, "note": "after a NaN"})
     loaded = fa.load(tmp_path / "ckpt.pt", like=step.init(mlp_params()))
     assert (loaded.state.step.item(), loaded.state.skipped.item()) == (2, 1)
@@ -254,7 +261,11 @@ def test_another_dtype_or_reducer_fails_too(tmp_path: Path) -> None:
     step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2))
     with pytest.raises(fa.FuncaccumError, match=r"params\['layer0'\]\['w'\]: .*torch\.float32"):
         fa.load(path, like=step.init(mlp_params(dtype=torch.float32)))
-    adaptive = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=fa.adaptive())
+    adaptive = fa.train_step(
+        mlp_loss,
+        optimizer=fa.optim.adamw(1e-2),
+        accumulation=fa.Accumulation(reducer=fa.adaptive()),
+    )
     with pytest.raises(fa.FuncaccumError, match=r"at state.reducer_carry: .*empty tuple.*Adaptive"):
         fa.load(path, like=adaptive.init(mlp_params()))
 
@@ -344,8 +355,10 @@ def test_a_user_generator_for_dp_noise_resumes_exactly(tmp_path: Path) -> None:
     step = fa.train_step(
         mlp_loss,
         optimizer=fa.optim.sgd(0.1),
-        reducer=fa.clipped_mean(1.0, noise_multiplier=1.0, denominator=12, generator=noise),
-        microbatch_size=1,
+        accumulation=fa.Accumulation(
+            reducer=fa.clipped_mean(1.0, noise_multiplier=1.0, denominator=12, generator=noise),
+            microbatch_size=1,
+        ),
     )
     state = trained(step, steps=2)
     fa.save(tmp_path / "ckpt.pt", state, generators={"noise": noise})

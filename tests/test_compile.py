@@ -1,4 +1,4 @@
-"""Every strategy compiles whole (fullgraph) and matches eager."""
+"""funcaccum/_compile.py (check_compile, compiled, traced); every strategy compiled whole."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import torch
 from conftest import classification_batch, mlp_loss, mlp_params
 
 import funcaccum as fa
+from funcaccum import _compile
 from funcaccum.testing import assert_trees_allclose
-
-pytestmark = pytest.mark.compile
 
 STRATEGIES = [
     pytest.param({"strategy": "vmap"}, id="vmap"),
@@ -30,6 +29,7 @@ def on(device: str, tree: dict) -> dict:
     return {k: on(device, v) if isinstance(v, dict) else v.to(device) for k, v in tree.items()}
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("options", STRATEGIES)
 def test_strategy_compiles_whole_and_matches_eager(options: dict, device: str) -> None:
@@ -50,24 +50,29 @@ def test_strategy_compiles_whole_and_matches_eager(options: dict, device: str) -
         torch.testing.assert_close(got.loss, want.loss)
 
 
-@pytest.mark.parametrize("compile_update", [False, True], ids=["loss", "loss-and-update"])
+@pytest.mark.compile
+@pytest.mark.parametrize("mode", ["loss", "loss+update", "step"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_train_step_compiles_matches_eager_and_never_recompiles(
-    device: str, compile_update: bool
-) -> None:
+def test_train_step_compiles_matches_eager_and_never_recompiles(device: str, mode: str) -> None:
     """Every compiled piece is one fullgraph graph, reused step after step."""
     params = on(device, mlp_params(torch.float32))
     schedule = fa.optim.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20)
-    eager = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4)
+    eager = fa.train_step(
+        mlp_loss,
+        optimizer=fa.optim.adamw(schedule),
+        accumulation=fa.Accumulation(num_microbatches=4),
+    )
     compiled = fa.train_step(
-        mlp_loss, optimizer=fa.optim.adamw(schedule), num_microbatches=4, compile=True,
-        compile_update=compile_update,
+        mlp_loss,
+        optimizer=fa.optim.adamw(schedule),
+        compile=mode,
+        accumulation=fa.Accumulation(num_microbatches=4),
     )  # fmt: skip
     eager_state, state = eager.init(params), compiled.init(params)
     batches = [on(device, classification_batch(24, torch.float32, seed=s)) for s in range(3)]
     state, metrics = compiled(state, batches[0])  # the one compile
     eager_state, _ = eager(eager_state, batches[0])
-    rates = [metrics["learning_rate"].item()]
+    rates = [metrics.learning_rate.item()]
     with torch.compiler.set_stance("fail_on_recompile"):
         for i in range(1, 10):
             if i == 5:  # a hand-set hyperparameter is a new tensor value, not a new graph
@@ -79,7 +84,7 @@ def test_train_step_compiles_matches_eager_and_never_recompiles(
                 )
             state, metrics = compiled(state, batches[i % 3])
             eager_state, _ = eager(eager_state, batches[i % 3])
-            rates.append(metrics["learning_rate"].item())
+            rates.append(metrics.learning_rate.item())
     assert len(set(rates)) == 10  # the learning rate changed at every step
     assert_trees_allclose(state.params, eager_state.params, rtol=1e-4, atol=1e-6)
     assert state.step.item() == 10
@@ -91,13 +96,16 @@ def test_train_step_compiles_matches_eager_and_never_recompiles(
         compiled(state, on(device, classification_batch(28, torch.float32)))
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_train_step_compiles_whole_as_docs_say(device: str) -> None:
     """``torch.compile(step.step, fullgraph=True)``, called first: one graph, the eager steps."""
     params = on(device, mlp_params(torch.float32))
     step = fa.train_step(
-        mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=fa.clipped_mean(0.5),
-        num_microbatches=5, max_consecutive_skips=None,
+        mlp_loss,
+        optimizer=fa.optim.adamw(1e-2),
+        max_consecutive_skips=None,
+        accumulation=fa.Accumulation(reducer=fa.clipped_mean(0.5), num_microbatches=5),
     )  # fmt: skip
     compiled = torch.compile(step.step, fullgraph=True)
     got = want = step.init(params)
@@ -108,5 +116,88 @@ def test_a_train_step_compiles_whole_as_docs_say(device: str) -> None:
             got, got_metrics = compiled(got, batch)
         want, want_metrics = step.step(want, batch)
     assert_trees_allclose(got.params, want.params, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(got_metrics["loss"], want_metrics["loss"])
+    torch.testing.assert_close(got_metrics.loss, want_metrics.loss)
     assert int(got.step) == 3
+
+
+# _compile: the one compile setting, the one compiled wrapper, the one trace question.
+
+
+@pytest.mark.parametrize(
+    ("compile", "mode"),
+    [(False, None), (True, "loss"), ("loss", "loss"), ("loss+update", "loss+update"),
+     ("step", "step")],
+)  # fmt: skip
+def test_check_compile_names_the_mode(compile: object, mode: str | None) -> None:
+    assert _compile.check_compile(compile) == mode
+
+
+@pytest.mark.parametrize(
+    "compile", [None, 0, 1, "", "Loss", "whole", "inductor", "loss+step", ("loss",)]
+)
+def test_check_compile_refuses_anything_else(compile: object) -> None:
+    """0 and 1 are not False and True: a flag is a bool, a mode one of the three names."""
+    with pytest.raises(fa.FuncaccumError, match=r"compile must be False, True \(= 'loss'\)"):
+        _compile.check_compile(compile)
+
+
+def test_compiled_disabled_is_the_function_itself() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    assert _compile.compiled(fn, False) is fn
+    wrapped = _compile.compiled(fn)  # torch.compile wraps lazily: nothing compiles yet
+    assert wrapped is not fn
+    assert wrapped.__wrapped__ is fn
+    assert wrapped.__name__ == "fn"
+
+
+@pytest.mark.compile
+def test_compiled_runs_one_graph_and_inside_a_trace_the_plain_function() -> None:
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x) * 2
+
+    wrapped = _compile.compiled(fn)
+    x = torch.randn(4, dtype=torch.float64)
+    torch.testing.assert_close(wrapped(x), fn(x), rtol=1e-15, atol=0)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        torch.testing.assert_close(wrapped(x + 1), fn(x + 1), rtol=1e-15, atol=0)
+
+    def outer(x: torch.Tensor) -> torch.Tensor:
+        return wrapped(x) + 1
+
+    torch.testing.assert_close(
+        torch.compile(outer, fullgraph=True, backend="eager")(x), fn(x) + 1, rtol=1e-15, atol=0
+    )
+
+    def breaks(x: torch.Tensor) -> torch.Tensor:
+        torch._dynamo.graph_break()
+        return x * 2
+
+    torch.testing.assert_close(breaks(x), x * 2)
+    with pytest.raises(torch._dynamo.exc.Unsupported):  # one whole graph, or an error
+        _compile.compiled(breaks)(x)
+
+
+def test_traced_is_false_eagerly_and_true_under_torch_func() -> None:
+    seen = []
+
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        seen.append(_compile.traced())
+        return x.sum()
+
+    probe(torch.ones(2))
+    torch.func.vmap(probe)(torch.ones(3, 2))
+    torch.func.grad(probe)(torch.ones(2))
+    assert seen == [False, True, True]
+    assert not _compile.traced()  # and False again once the transforms are done
+
+
+@pytest.mark.compile
+def test_traced_is_true_inside_torch_compile() -> None:
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        return x + 1 if _compile.traced() else x - 1
+
+    x = torch.zeros(2)
+    assert torch.equal(probe(x), x - 1)
+    assert torch.equal(torch.compile(probe, fullgraph=True, backend="eager")(x), x + 1)

@@ -26,9 +26,10 @@ import funcaccum as fa
 from funcaccum.testing import assert_trees_allclose, assert_trees_equal
 
 WORKER = Path(__file__).resolve().parent / "_distributed_worker.py"
-pytestmark = pytest.mark.skipif(
-    not dist.is_available(), reason="torch.distributed is not available"
-)
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+]
 
 
 def launch(
@@ -71,10 +72,11 @@ def test_merged_states_equal_single_process_accumulation(tmp_path: Path) -> None
         expected = fa.accumulate(mlp_loss, params, batch, reducer=reducer, microbatch_size=2)
         assert_trees_allclose(grads, expected.grads, rtol=1e-10, atol=1e-13, check_dtype=False)
         torch.testing.assert_close(loss, expected.loss, rtol=1e-12, atol=0)
-        keys = [k for k in expected.stats if k != "efficiency" or name != "adaptive"]
+        want = expected.stats._asdict()
+        keys = [k for k in want if k != "efficiency" or name != "adaptive"]
         assert_trees_allclose(
             {k: stats[k] for k in keys},
-            {k: expected.stats[k] for k in keys},
+            {k: want[k] for k in keys},
             rtol=1e-10,
             atol=1e-12,
         )
@@ -88,15 +90,19 @@ def test_training_keeps_ranks_bit_identical_with_one_collective_per_step(tmp_pat
     assert results[0]["step"].item() == 20
     assert results[0]["per_step"] == ONE_ALL_REDUCE
     # The same 20 steps in one process, on the global batches, agree with the distributed run.
-    step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3)
+    step = fa.train_step(
+        mlp_loss,
+        optimizer=fa.optim.adamw(1e-2),
+        accumulation=fa.Accumulation(num_microbatches=3),
+    )
     state = step.init(mlp_params())
     for i in range(20):
         batch = classification_batch(20, seed=i)
-        folded = step.accumulation.merge(
-            step.fold(state, {k: v[:12] for k, v in batch.items()}),
-            step.fold(state, {k: v[12:] for k, v in batch.items()}),
+        merged = step.accumulation.merge(
+            step.fold(state, {k: v[:12] for k, v in batch.items()}).state,
+            step.fold(state, {k: v[12:] for k, v in batch.items()}).state,
         )
-        state, _ = step.apply(state, folded)
+        state, _ = step.apply(state, fa.Folded(merged))
     assert_trees_allclose(results[0]["params"], state.params, rtol=1e-10, atol=1e-12)
 
 
@@ -121,19 +127,21 @@ def test_float32_params_take_one_collective_per_step_for_every_reducer(tmp_path:
         assert_trees_equal(results[1][name]["params"], got["params"])
         # One process, merging the same two shares, agrees to float32 rounding.
         step = fa.train_step(
-            mlp_loss, optimizer=fa.optim.adamw(1e-2), reducer=make(), num_microbatches=3
+            mlp_loss,
+            optimizer=fa.optim.adamw(1e-2),
+            accumulation=fa.Accumulation(reducer=make(), num_microbatches=3),
         )
         state = step.init(mlp_params(torch.float32))
         cut = FLOAT32_SPLIT[0]
         for i in range(FLOAT32_STEPS):
             batch = classification_batch(20, dtype=torch.float32, seed=i)
-            folded = step.accumulation.merge(
-                step.fold(state, {k: v[:cut] for k, v in batch.items()}),
-                step.fold(state, {k: v[cut:] for k, v in batch.items()}),
+            merged = step.accumulation.merge(
+                step.fold(state, {k: v[:cut] for k, v in batch.items()}).state,
+                step.fold(state, {k: v[cut:] for k, v in batch.items()}).state,
             )
-            state, metrics = step.apply(state, folded)
+            state, metrics = step.apply(state, fa.Folded(merged))
         assert_trees_allclose(got["params"], state.params, rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(got["loss"], metrics["loss"], rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["loss"], metrics.loss, rtol=1e-6, atol=0)
 
 
 def running_statistics_by_hand(
@@ -174,13 +182,15 @@ def test_batch_norm_statistics_merge_across_ranks_in_the_one_collective(tmp_path
     assert_trees_equal(history[0][:2], (params, buffers))  # rank 0's, broadcast at init
     # One process on the global batches: the same microbatches of 4, so the same gradients.
     step = fa.train_step(
-        bn_loss(apply), optimizer=fa.optim.adamw(1e-2), microbatch_size=4, has_state=True
+        bn_loss(apply),
+        optimizer=fa.optim.adamw(1e-2),
+        accumulation=fa.Accumulation(microbatch_size=4, has_state=True),
     )
     state = step.init(params, model_state=buffers)
     for i, split in enumerate(BN_SPLITS):
         state, metrics = step(state, bn_batch(i))
         (before_params, before_state, _), (got_params, got_state, skipped) = history[i : i + 2]
-        assert skipped == bool(metrics["skipped"]) == (i == BN_NAN_STEP), i
+        assert skipped == bool(metrics.skipped) == (i == BN_NAN_STEP), i
         assert_trees_allclose(got_params, state.params, rtol=1e-10, atol=1e-12)
         if skipped:  # every rank rolls back: params and statistics as before the step
             assert_trees_equal((got_params, got_state), (before_params, before_state))

@@ -98,7 +98,7 @@ def test_clipped_mean_needs_a_positive_threshold() -> None:
     "make", [fa.mean, lambda **options: fa.clipped_mean(1.0, **options)], ids=["mean", "clipped"]
 )
 def test_a_denominator_that_is_not_a_positive_number_is_refused(
-    make: Callable[..., fa.Reducer], denominator: Any
+    make: Callable[..., fa.extend.Reducer], denominator: Any
 ) -> None:
     """A negative divisor would flip every step, a zero one divide by zero: refused up front."""
     with pytest.raises(fa.FuncaccumError, match="denominator must be a number or 'weight'"):

@@ -59,9 +59,14 @@ def funcaccum_run(
         logits, model_state = apply(params, model_state, x)
         return functional.cross_entropy(logits, y), model_state
 
-    step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(LR), num_microbatches=k,
-                         has_state=True, compile=compile,
-                         strategy=STRATEGIES[strategy](model))  # fmt: skip
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.adamw(LR),
+        compile=compile,
+        accumulation=fa.Accumulation(
+            num_microbatches=k, has_state=True, strategy=STRATEGIES[strategy](model)
+        ),
+    )
     train_state = step.init(params, model_state=state)
     for batch in image_batches():
         train_state, _ = step(train_state, batch)
@@ -103,12 +108,15 @@ def test_a_skipped_step_keeps_the_running_statistics() -> None:
         logits, model_state = apply(params, model_state, batch[0])
         return functional.cross_entropy(logits, batch[1]), model_state
 
-    step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), num_microbatches=2,
-                         has_state=True)  # fmt: skip
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.sgd(0.1),
+        accumulation=fa.Accumulation(num_microbatches=2, has_state=True),
+    )  # fmt: skip
     start = step.init(params, model_state=state)
     x, y = image_batches()[0]
     after, metrics = step(start, (x * float("nan"), y))
-    assert metrics["skipped"]
+    assert metrics.skipped
     assert all(torch.equal(after.model_state[n], start.model_state[n]) for n in state)
 
 
@@ -123,12 +131,20 @@ def test_model_state_errors_name_the_fix() -> None:
         return functional.cross_entropy(logits, batch[1]), model_state
 
     with pytest.raises(fa.FuncaccumError, match=r"has_state=True.*running_stats\(module\)"):
-        fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), strategy="vmap", has_state=True)
+        fa.train_step(
+            loss_fn,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(strategy="vmap", has_state=True),
+        )
     odd = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     odd.register_buffer("scale", torch.ones(1))
     with pytest.raises(fa.FuncaccumError, match=r"\['scale'\] are other buffers"):
         fa.running_stats(odd)
-    step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.1), has_state=True)
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.sgd(0.1),
+        accumulation=fa.Accumulation(has_state=True),
+    )
     with pytest.raises(fa.FuncaccumError, match=r"needs init\(params, model_state=\.\.\.\)"):
         step.init(params)
 
@@ -186,8 +202,12 @@ def test_activation_checkpointing_gives_the_same_training(compile: bool) -> None
         def loss_fn(params: dict, batch: tuple, apply=apply, buffers=buffers) -> torch.Tensor:
             return functional.cross_entropy(apply(params, buffers, batch[0]), batch[1])
 
-        step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(1e-2), num_microbatches=3,
-                             compile=compile and checkpointed)  # fmt: skip
+        step = fa.train_step(
+            loss_fn,
+            optimizer=fa.optim.adamw(1e-2),
+            compile=compile and checkpointed,
+            accumulation=fa.Accumulation(num_microbatches=3),
+        )  # fmt: skip
         state = step.init(params)
         for batch in batches:
             state, _ = step(state, batch)
@@ -254,33 +274,3 @@ def test_the_shifted_label_count_is_the_token_weight() -> None:
         assert (error < 1e-12) == exact, (count, error)
         if not exact:
             assert error > 1e-4  # silently off, by far more than rounding
-
-
-def test_running_stats_closed_form_equals_the_sequential_update() -> None:
-    """Chunks of 2 of 5 microbatches (2, 2, 1), over three steps: the loop's statistics."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.3)).double()
-    apply, params, buffers = fa.functional_model(model, has_state=True)
-
-    def loss_fn(params: dict, state: dict, batch: torch.Tensor) -> tuple:
-        out, state = apply(params, state, batch)
-        return out.pow(2).mean(), state
-
-    loop = fa.Accumulation(num_microbatches=5, has_state=True)
-    side = fa.Accumulation(
-        num_microbatches=5,
-        has_state=True,
-        strategy=fa.chunked(2, model_state=fa.running_stats(model)),
-    )
-    state = buffers
-    for seed in range(3):
-        batch = torch.randn(
-            17, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
-        )
-        _, _, want = loop.folder(loss_fn).fold(params, batch, None, state)
-        _, _, got = side.folder(loss_fn).fold(params, batch, None, state)
-        assert_trees_allclose(got, want, rtol=1e-12, atol=1e-14)
-        state = want
-    assert int(state["1.num_batches_tracked"]) == 15
-    with pytest.raises(fa.FuncaccumError, match="momentum=None"):
-        fa.running_stats(nn.BatchNorm1d(4, momentum=None))

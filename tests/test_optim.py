@@ -63,12 +63,16 @@ def funcaccum_run(
         x, y = batch
         return nn.functional.cross_entropy(apply(params, buffers, x), y)
 
-    step = fa.train_step(loss_fn, optimizer=rule, num_microbatches=num_microbatches)
+    step = fa.train_step(
+        loss_fn,
+        optimizer=rule,
+        accumulation=fa.Accumulation(num_microbatches=num_microbatches),
+    )
     state = step.init(params)
     rates = []
     for i in range(STEPS):
         state, metrics = step(state, batches[i % len(batches)])
-        rates.append(metrics["learning_rate"].item())
+        rates.append(metrics.learning_rate.item())
     assert state.step.item() == STEPS
     return state.params, rates
 

@@ -60,7 +60,7 @@ def funcaccum_run(
         x, y = batch
         return nn.functional.cross_entropy(apply(params, buffers, x), y)
 
-    step = fa.train_step(loss_fn, optimizer=rule, num_microbatches=3)
+    step = fa.train_step(loss_fn, optimizer=rule, accumulation=fa.Accumulation(num_microbatches=3))
     state = step.init(params)
     for i in range(STEPS):
         if i == STEPS // 2 and at_half is not None:

@@ -12,6 +12,7 @@ import pytest
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.recipe, pytest.mark.subprocess]
 
 
 def run_recipe(

@@ -1,52 +1,48 @@
-"""The strategy protocol: a user's own strategy, the built-in ones, layouts, ghost's options."""
+"""The strategy protocol: a user's own strategy and the built-in ones."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import optree
 import pytest
 import torch
 from conftest import classification_batch, mlp_loss, mlp_params
-from torch import nn
+from test_docs import BLOCK
 from torch.func import grad
-from torch.nn import functional
 
 import funcaccum as fa
+from funcaccum.extend import Folder, FoldState, GroupRunner, MicrobatchOutput, Strategy
 from funcaccum.testing import assert_trees_allclose
 
 
-class Reversed(NamedTuple):
-    """Folds a group's microbatches last to first, with plain autograd: a user's strategy."""
+def docs_strategy() -> type:
+    """The ``Reversed`` strategy exactly as docs/concepts.md, "Writing a strategy", writes it."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts.md").read_text()
+    block = next(b for b in BLOCK.findall(page) if "class Reversed" in b)
+    source = block[: block.index("assert isinstance(Reversed()")]
+    namespace: dict[str, Any] = {"fa": fa, "torch": torch}
+    exec(compile(source, "docs/concepts.md", "exec"), namespace)
+    return namespace["Reversed"]
 
-    def build(self, folder: fa.Folder) -> fa.GroupRunner:
-        def run(params: Any, state: fa.FoldState, group: Any, model_state: Any) -> Any:
-            outputs = []
-            for i in reversed(range(group.count)):
-                microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
-                grads, out = folder.autograd(params, model_state, microbatch, group.size)
-                state = folder.add(state, grads, out)
-                model_state = out.model_state
-                outputs.insert(0, out._replace(model_state=()))
-            stacked = optree.tree_map(lambda *ys: torch.stack(ys), *outputs)
-            return state, stacked, model_state
 
-        return run
+Reversed = docs_strategy()
 
 
 class PairsUnderVmap(NamedTuple):
-    """Two microbatches at a time under torch.func.vmap, through ``folder.grad``."""
+    """Two microbatches at a time under vmap, a Python loop over a static count: one body."""
 
-    def build(self, folder: fa.Folder) -> fa.GroupRunner:
-        batched = torch.func.vmap(folder.grad, in_dims=(None, None, 0, None))
+    def build(self, folder: Folder) -> GroupRunner:
+        batched = folder.vmap(folder.value_and_grad, (None, None, 0, None), "error")
 
-        def run(params: Any, state: fa.FoldState, group: Any, model_state: Any) -> Any:
+        def run(params: Any, state: FoldState, group: Any, model_state: Any) -> Any:
             outputs = []
             for start in range(0, group.count, 2):
                 pair = optree.tree_map(lambda x, s=start: x[s : s + 2], group.batch)
                 grads, out = batched(params, (), pair, group.size)
                 state = folder.add(state, grads, out)
-                outputs.append(out)
+                outputs.append(MicrobatchOutput(out.loss, out.weight, out.aux))
             return state, optree.tree_map(lambda *ys: torch.cat(ys), *outputs), model_state
 
         return run
@@ -77,7 +73,11 @@ def test_a_user_strategy_works_with_every_reducer(strategy: Any, name: str) -> N
 def test_a_user_strategy_trains() -> None:
     params = mlp_params()
     steps = [
-        fa.train_step(mlp_loss, optimizer=fa.optim.adamw(1e-2), num_microbatches=3, strategy=s)
+        fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.adamw(1e-2),
+            accumulation=fa.Accumulation(num_microbatches=3, strategy=s),
+        )
         for s in (Reversed(), fa.scan())
     ]
     states = [step.init(params) for step in steps]
@@ -93,7 +93,7 @@ def test_strategy_objects_and_shorthands_agree() -> None:
     for strategy in ("scan", "vmap", fa.scan(), fa.vmap(), fa.chunked(1), fa.chunked(2)):
         got = fa.accumulate(mlp_loss, params, batch, microbatch_size=3, strategy=strategy)
         assert_trees_allclose(got.grads, want, rtol=1e-10, atol=1e-13)
-    assert isinstance(fa.Accumulation(strategy="vmap").strategy, fa.Strategy)
+    assert isinstance(fa.Accumulation(strategy="vmap").strategy, Strategy)
 
 
 def test_bad_strategy_options_are_refused() -> None:
@@ -101,12 +101,26 @@ def test_bad_strategy_options_are_refused() -> None:
         fa.chunked(0)
     with pytest.raises(fa.FuncaccumError, match="randomness must be one of"):
         fa.vmap(randomness="random")
+    vmap_with_state = fa.Accumulation(strategy="vmap", has_state=True)
     with pytest.raises(fa.FuncaccumError, match=r"running_stats\(module\).*or strategy=scan\(\)"):
-        fa.Accumulation(strategy="vmap", has_state=True)
+        vmap_with_state.runner(mlp_loss)  # refused when built, before any data
     with pytest.raises(fa.FuncaccumError, match="model_state must be combine"):
         fa.vmap(model_state="batch norm")
     with pytest.raises(fa.FuncaccumError, match="build"):
         fa.Accumulation(strategy=lambda: None)
+
+
+def test_a_strategy_whose_build_returns_no_runner_is_refused_when_built() -> None:
+    class Forgetful(NamedTuple):
+        def build(self, folder: Folder) -> GroupRunner:
+            return None  # type: ignore[return-value]
+
+    with pytest.raises(fa.FuncaccumError, match=r"Forgetful.build\(folder\) must return run"):
+        fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(strategy=Forgetful()),
+        )
 
 
 def test_the_accumulation_is_frozen_and_checked_once() -> None:
@@ -119,73 +133,35 @@ def test_the_accumulation_is_frozen_and_checked_once() -> None:
         fa.Accumulation(num_microbatches=2, microbatch_size=2)
 
 
-def test_sequence_first_batches_take_an_explicit_batch_dim() -> None:
-    """A (T, N) leaf split along N, given back to the loss in its own layout."""
-    torch.manual_seed(0)
-    tokens = torch.randn(5, 12, 3, dtype=torch.float64)  # (T, N, d)
-    lengths = torch.randint(1, 6, (12,)).to(torch.float64)  # (N,)
-    params = {"w": torch.randn(3, dtype=torch.float64)}
-
-    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
-        tokens, lengths = batch  # (T, m, d), (m,)
-        assert tokens.shape[0] == 5  # the loss sees time first, as it wrote it
-        return torch.mean(torch.tanh(tokens @ params["w"]).sum(0) / lengths)
-
-    want = grad(loss_fn)(params, (tokens, lengths))
-    for strategy in ("scan", "vmap"):
-        got = fa.accumulate(
-            loss_fn, params, (tokens, lengths), num_microbatches=4, strategy=strategy,
-            batch_dim=(1, 0),
-        )  # fmt: skip
-        assert_trees_allclose(got.grads, want, rtol=1e-10, atol=1e-13)
-    # Without it the leaves disagree on the leading dimension, and the error says what to do.
-    with pytest.raises(fa.FuncaccumError, match=r"batch\[0\]: \(5, 12, 3\).*pass batch_dim=1"):
-        fa.accumulate(loss_fn, params, (tokens, lengths), num_microbatches=4)
-    # An explicit layout the leaves disagree with is refused, naming each leaf.
-    with pytest.raises(fa.FuncaccumError, match=r"disagree on their batch dimensions.*batch\[1\]"):
-        fa.accumulate(loss_fn, params, (tokens, lengths[:5]), num_microbatches=4, batch_dim=(1, 0))
-    with pytest.raises(fa.FuncaccumError, match="has no batch dimension 1"):
-        fa.accumulate(loss_fn, params, (tokens, lengths), num_microbatches=4, batch_dim=1)
+def _steps(reducer: Any, strategy: Any, compile: Any) -> Any:
+    return fa.train_step(
+        mlp_loss,
+        optimizer=fa.optim.adamw(1e-2),
+        accumulation=fa.Accumulation(reducer=reducer, num_microbatches=3, strategy=strategy),
+        compile=compile,
+    )
 
 
-def _ghost_setup() -> tuple:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-    apply, params, buffers = fa.functional_model(model)
-
-    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
-        return functional.cross_entropy(apply(params, buffers, batch[0]), batch[1])
-
-    batch = (torch.randn(12, 4, dtype=torch.float64), torch.randint(2, (12,)))
-    return model, loss_fn, params, batch
-
-
-def test_ghost_chunk_size_one_is_one_microbatch_per_pass() -> None:
-    model, loss_fn, params, batch = _ghost_setup()
-    reducer = fa.clipped_mean(0.3)
-    want = fa.accumulate(loss_fn, params, batch, reducer=reducer, microbatch_size=1)
-    passes = []
-    handle = model[0].register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
-    try:
-        for chunk_size, sizes in ((1, [1] * 12), (5, [5, 5, 2]), (None, [12])):
-            passes.clear()
-            got = fa.accumulate(
-                loss_fn, params, batch, reducer=reducer, microbatch_size=1,
-                strategy=fa.ghost(model, chunk_size=chunk_size),
-            )  # fmt: skip
-            assert passes == sizes
-            # Ghost takes its norms in float32, so the clip factors match to float32 precision.
-            assert_trees_allclose(got.grads, want.grads, rtol=1e-5, atol=1e-8)
-    finally:
-        handle.remove()
-
-
-def test_ghost_refuses_what_it_cannot_do_with_a_clear_error() -> None:
-    model = _ghost_setup()[0]
-    clipped = fa.clipped_mean(0.3)
-    with pytest.raises(fa.FuncaccumError, match="no aux"):
-        fa.Accumulation(reducer=clipped, strategy=fa.ghost(model), has_aux=True)
-    with pytest.raises(fa.FuncaccumError, match="clips by norm"):
-        fa.Accumulation(strategy=fa.ghost(model))
-    with pytest.raises(fa.FuncaccumError, match="chunk_size must be >= 1, got 0"):
-        fa.ghost(model, chunk_size=0)
+@pytest.mark.parametrize(
+    "how",
+    [
+        "eager",
+        pytest.param("loss", marks=pytest.mark.compile),
+        pytest.param("step.step compiled whole", marks=pytest.mark.compile),
+    ],
+)
+@pytest.mark.parametrize("name", list(REDUCERS))
+def test_the_docs_strategy_has_one_body_for_every_mode(name: str, how: str) -> None:
+    """The docs' strategy runs eagerly, with compile=True and inside torch.compile(step.step)."""
+    params = mlp_params()
+    want = _steps(REDUCERS[name](), fa.scan(), False)
+    ours = _steps(REDUCERS[name](), Reversed(), how == "loss")
+    run = torch.compile(ours.step, fullgraph=True) if how.startswith("step.step") else ours
+    a, b = want.init(params), ours.init(params)
+    for i in range(2):
+        batch = classification_batch(17, seed=i)  # microbatches of 6, 6, 5
+        a, want_metrics = want(a, batch)
+        b, metrics = run(b, batch)
+    assert_trees_allclose(b.params, a.params, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(metrics.loss, want_metrics.loss, rtol=1e-10, atol=0)
+    assert metrics.microbatches.item() == 3

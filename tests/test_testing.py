@@ -178,7 +178,7 @@ def test_assert_accumulation_exact_passes_correct_losses() -> None:
 def test_assert_accumulation_exact_takes_strategy_objects_hashable_or_not() -> None:
     @dataclasses.dataclass  # eq without frozen: unhashable, as a user's strategy may be
     class Delegating:
-        def build(self, folder: fa.Folder) -> fa.GroupRunner:
+        def build(self, folder: fa.extend.Folder) -> fa.extend.GroupRunner:
             return fa.scan().build(folder)
 
     strategies = [Delegating(), fa.vmap(), fa.chunked(2), "scan"]
@@ -261,6 +261,7 @@ def test_the_plugin_is_registered(pytestconfig: pytest.Config) -> None:
     assert any(line.startswith("compile:") for line in pytestconfig.getini("markers"))
 
 
+@pytest.mark.subprocess
 def test_loading_the_plugin_imports_no_torch() -> None:
     """The pytest11 entry point loads in every pytest session; it must not import torch."""
     code = textwrap.dedent(
@@ -277,6 +278,7 @@ def test_loading_the_plugin_imports_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+@pytest.mark.subprocess
 def test_the_plugin_in_a_fresh_session_is_lazy_and_its_fixtures_work(tmp_path: Path) -> None:
     """A session whose tests use no fixture of the plugin never imports torch."""
     (tmp_path / "pytest.ini").write_text("[pytest]\nfilterwarnings = error\n")

@@ -25,6 +25,7 @@ from torch.nn import functional
 import funcaccum as fa
 from funcaccum.testing import assert_trees_allclose
 
+pytestmark = pytest.mark.models
 STEPS, LR, EPS, CLASSES = 2, 1e-3, 1e-6, 4
 # funcaccum's microbatch gradients equal the loop's to ~1e-15 relative. Training on, a
 # deep batch-norm net amplifies that rounding step by step (resnet18 after 1, 2, 3 AdamW
@@ -112,8 +113,11 @@ def funcaccum_run(model: nn.Module, k: int) -> tuple[nn.Module, fa.TrainState]:
         logits, model_state = apply(params, model_state, batch[0])
         return functional.cross_entropy(logits, batch[1]), model_state
 
-    step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(LR, eps=EPS), num_microbatches=k,
-                         has_state=True)  # fmt: skip
+    step = fa.train_step(
+        loss_fn,
+        optimizer=fa.optim.adamw(LR, eps=EPS),
+        accumulation=fa.Accumulation(num_microbatches=k, has_state=True),
+    )  # fmt: skip
     train_state = step.init(params, model_state=state)
     for batch in image_batches():
         train_state, _ = step(train_state, batch)

@@ -31,29 +31,33 @@ def constant() -> optim.Schedule:
 
 
 def a_train_step() -> fa.TrainStep:
-    return fa.train_step(mlp_loss, optimizer=optim.sgd(0.1), num_microbatches=2)
+    return fa.train_step(
+        mlp_loss,
+        optimizer=optim.sgd(0.1),
+        accumulation=fa.Accumulation(num_microbatches=2),
+    )
 
 
 # (make, words the message must contain), ids by what is wrong.
 REFUSED: list[Any] = [
     # Microbatching.
     pytest.param(
-        lambda: fa.plan_microbatches(10.5, num_microbatches=2),
+        lambda: fa.extend.plan_microbatches(10.5, num_microbatches=2),
         "num_examples must be an int >= 1, got 10.5",
         id="num_examples-float",
     ),
     pytest.param(
-        lambda: fa.plan_microbatches("10", num_microbatches=2),
+        lambda: fa.extend.plan_microbatches("10", num_microbatches=2),
         "num_examples must be an int",
         id="num_examples-str",
     ),
     pytest.param(
-        lambda: fa.plan_microbatches(None, num_microbatches=2),
+        lambda: fa.extend.plan_microbatches(None, num_microbatches=2),
         "num_examples must be an int",
         id="num_examples-none",
     ),
     pytest.param(
-        lambda: fa.plan_microbatches(-3, num_microbatches=2),
+        lambda: fa.extend.plan_microbatches(-3, num_microbatches=2),
         "num_examples must be >= 1, got -3",
         id="num_examples-negative",
     ),
@@ -294,7 +298,9 @@ ACCEPTED: list[Any] = [
     pytest.param(lambda: fa.clipped_mean(torch.tensor(2.0)), id="tensor-max-norm"),
     pytest.param(lambda: fa.mean(accum_dtype=torch.float64), id="mean-float64"),
     pytest.param(lambda: fa.adaptive(base_batch_size=32), id="adaptive-base"),
-    pytest.param(lambda: fa.plan_microbatches(np.int64(10), num_microbatches=2), id="numpy-int"),
+    pytest.param(
+        lambda: fa.extend.plan_microbatches(np.int64(10), num_microbatches=2), id="numpy-int"
+    ),
     pytest.param(lambda: optim.join_schedules([constant(), constant()], [0]), id="join-0"),
 ]
 
@@ -362,17 +368,6 @@ def test_a_learning_rate_is_accepted_exactly_when_finite_and_not_negative(rate: 
     else:
         with pytest.raises(fa.FuncaccumError, match="learning_rate must be >= 0"):
             optim.sgd(rate)
-
-
-@PROPERTY
-@given(st.integers(-5, 50) | st.floats(allow_nan=True) | st.none() | st.text(max_size=3))
-def test_plan_microbatches_accepts_exactly_positive_ints(num_examples: Any) -> None:
-    if isinstance(num_examples, int) and num_examples >= 1:
-        plan = fa.plan_microbatches(num_examples, num_microbatches=1)
-        assert plan == ((1, num_examples),)
-    else:
-        with pytest.raises(fa.FuncaccumError, match=r"num_examples|empty"):
-            fa.plan_microbatches(num_examples, num_microbatches=1)
 
 
 # Params an optimizer cannot train, each with the path the message must name.

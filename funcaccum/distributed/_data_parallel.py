@@ -13,10 +13,11 @@ import torch
 import torch.distributed as dist
 
 from .._errors import FuncaccumError
+from .._fold import Folded
 from .._reducer import Maximum
-from .._train import Metrics, TrainState, TrainStep
-from .._tree import PyTree, leaf_paths
-from .._validate import check_bool, check_real, describe
+from .._train import StepMetrics, TrainState, TrainStep
+from .._tree import PyTree, Tree, leaf_paths
+from .._validate import check_real, describe
 
 __all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
 
@@ -92,8 +93,8 @@ def _broadcast_bytes(
 
 
 def all_reduce_state(
-    state: PyTree, *, group: Any = None, timeout: float | None = None, what: str = "the all-reduce"
-) -> PyTree:
+    state: Tree, *, group: Any = None, timeout: float | None = None, what: str = "the all-reduce"
+) -> Tree:
     """Sum a reducer state (or a :class:`~funcaccum.FoldState`) over the ranks of ``group``.
 
     Every leaf is added across ranks, except :class:`~funcaccum.Maximum`
@@ -138,8 +139,8 @@ def all_reduce_state(
 
 
 def broadcast_state(
-    state: PyTree, *, src: int = 0, group: Any = None, timeout: float | None = None
-) -> PyTree:
+    state: Tree, *, src: int = 0, group: Any = None, timeout: float | None = None
+) -> Tree:
     """Every rank's copy of ``state`` replaced by rank ``src``'s, in one collective.
 
     The leaves travel as bytes in one buffer, whatever their dtypes (a copy,
@@ -224,9 +225,10 @@ class DataParallel:
     """A :class:`~funcaccum.TrainStep` across processes, with one all-reduce per optimizer step.
 
     Each rank folds the microbatches of its own share of the batch
-    (:meth:`TrainStep.fold`), one all-reduce sums the folded states (states
-    are sums, so merging is addition; see :func:`all_reduce_state`), and every
-    rank applies the same update (:meth:`TrainStep.apply`), so the params stay
+    (:meth:`TrainStep.fold <funcaccum.TrainStep.fold>`), one all-reduce sums
+    the folded states (states are sums, so merging is addition; see
+    :func:`all_reduce_state`), and every rank applies the same update
+    (:meth:`TrainStep.apply <funcaccum.TrainStep.apply>`), so the params stay
     identical. That is one collective per optimizer step whatever the number
     of microbatches, where DDP without ``no_sync`` all-reduces once per
     microbatch. The result is the exact global weighted mean, for any
@@ -248,19 +250,20 @@ class DataParallel:
 
     When a peer dies or stalls, the collective fails or times out after
     ``timeout`` seconds, and every surviving rank raises :class:`FuncaccumError`
-    instead of hanging.
+    instead of hanging. ``fold`` and ``apply`` run compiled as the step's
+    ``compile`` says; the collective runs between them, eagerly. The metrics
+    cover every rank, except ``aux``, which is this rank's own.
 
     Args:
         step: the training step, from :func:`~funcaccum.train_step`.
         group: the process group (default: the world, which must be initialised).
         timeout: seconds a collective may wait for the other ranks.
-        compile: compile ``fold`` and ``apply`` with ``torch.compile(fullgraph=True)``
-            (the collective runs between them, eagerly).
 
     Example (in each process started by ``torchrun --nproc-per-node 2``)::
 
         dist.init_process_group("gloo")
-        step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(1e-3), num_microbatches=4)
+        accumulation = fa.Accumulation(num_microbatches=4)
+        step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(1e-3), accumulation=accumulation)
         parallel = fa.distributed.DataParallel(step, timeout=60)
         state = parallel.init(params)            # rank 0's params, everywhere
         for batch in batches:
@@ -275,7 +278,6 @@ class DataParallel:
         *,
         group: Any = None,
         timeout: float | None = 300.0,
-        compile: bool = False,
     ) -> None:
         if not isinstance(step, TrainStep):
             raise FuncaccumError(
@@ -283,7 +285,6 @@ class DataParallel:
             )
         # A timeout <= 0 would fail every collective at once; None waits forever.
         check_real("timeout", timeout, low=0, low_inclusive=False, allow_none=True)
-        check_bool("compile", compile)
         if not dist.is_available() or not dist.is_initialized():
             raise FuncaccumError(
                 "DataParallel needs torch.distributed initialised: call "
@@ -291,7 +292,6 @@ class DataParallel:
             )
         self.step, self.group, self.timeout = step, group, timeout
         self.calls = 0  # optimizer steps attempted, to name one in an error
-        self._parts = step.parts(compile)
 
     def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
         """The step's initial state, built from rank 0's params (and model state) on every rank.
@@ -307,28 +307,35 @@ class DataParallel:
         )
         return self.step.init(params, model_state)
 
-    def __call__(self, state: TrainState, local_batch: PyTree | None) -> tuple[TrainState, Metrics]:
+    def __call__(
+        self, state: TrainState, local_batch: PyTree | None
+    ) -> tuple[TrainState, StepMetrics]:
         """One optimizer step on every rank's local batch (None: this rank has no examples)."""
+        step = self.step
         if local_batch is None:
-            folded, model_state = self.step.accumulation.init(state.params), state.model_state
+            folded = Folded(step.accumulation.init(state.params), state.model_state)
         else:
-            folded, _, model_state = self._parts.fold(state, local_batch)
+            folded = step.fold(state, local_batch)
         self.calls += 1
         what = f"the all-reduce of optimizer step {self.calls} (since init)"
-        if not self.step.has_state:
-            folded = all_reduce_state(folded, group=self.group, timeout=self.timeout, what=what)
-            state, metrics = self._parts.apply(state, folded)
+        if not step.accumulation.has_state:
+            merged = all_reduce_state(
+                folded.state, group=self.group, timeout=self.timeout, what=what
+            )
+            folded = Folded(merged, folded.model_state, folded.aux)
         else:
             _check_model_state(state.model_state)
             count = 0 if local_batch is None else self._microbatches(local_batch)
-            share = _share(state.model_state, model_state, count, folded.weight_sum.dtype)
-            # The model state rides in the gradients' all-reduce: still one collective.
-            folded, share = all_reduce_state(
-                (folded, share), group=self.group, timeout=self.timeout, what=what
+            share = _share(
+                state.model_state, folded.model_state, count, folded.state.weight_sum.dtype
             )
-            merged = _merged_model_state(state.model_state, share)
-            state, metrics = self._parts.apply(state, folded, merged)
-        self.step.check_skips(state, metrics)
+            # The model state rides in the gradients' all-reduce: still one collective.
+            merged, share = all_reduce_state(
+                (folded.state, share), group=self.group, timeout=self.timeout, what=what
+            )
+            folded = Folded(merged, _merged_model_state(state.model_state, share), folded.aux)
+        state, metrics = step.apply(state, folded)
+        step.check_skips(state, metrics)
         return state, metrics
 
     def _microbatches(self, batch: PyTree) -> int:

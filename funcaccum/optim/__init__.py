@@ -1,7 +1,7 @@
 """Update rules as pure gradient transformations, in the optax manner.
 
 Every rule is a :class:`GradientTransformation`: ``init(params) -> state`` and
-``update(grads, state, params) -> (updates, state)``, with states that are
+``update(grads, state, params=None, **extra_args) -> (updates, state)``, with states that are
 NamedTuples of tensors; :func:`apply_updates` adds the updates to the params.
 Hyperparameters and step counts are 0-d tensors in the state, so a compiled
 training step reads new values without recompiling.
@@ -16,6 +16,7 @@ from ._base import (
     chain,
     get_hyperparams,
     set_hyperparams,
+    with_extra_args_support,
 )
 from ._clip import ClipByGlobalNormState, clip_by_global_norm
 from ._learning_rate import (
@@ -78,4 +79,5 @@ __all__ = [
     "sgd",
     "trace",
     "warmup_cosine_decay_schedule",
+    "with_extra_args_support",
 ]

@@ -25,7 +25,7 @@ class ScaleByAdamState(NamedTuple):
         (tensor(0), tensor([0., 0.]), ['b1', 'b2', 'eps'])
     """
 
-    count: torch.Tensor  # updates taken, for the bias corrections
+    count: torch.Tensor  # type: ignore[assignment]  # updates taken, for the bias corrections
     mu: PyTree  # first moment, in at least float32
     nu: PyTree  # second moment, in at least float32
     hyperparams: dict[str, torch.Tensor]  # b1, b2, eps
@@ -65,6 +65,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
         updates: PyTree,
         state: ScaleByAdamState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByAdamState]:
         h = state.hyperparams

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -23,6 +24,7 @@ __all__ = [
     "hyperparams",
     "set_hyperparams",
     "with_checks",
+    "with_extra_args_support",
 ]
 
 Schedule = Callable[[torch.Tensor], torch.Tensor]
@@ -41,10 +43,9 @@ class _Init(Protocol):
     def __call__(self, params: PyTree) -> Any: ...
 
 
-class _Update(Protocol):
-    def __call__(
-        self, updates: PyTree, state: Any, params: PyTree = None, schedule_step: ScheduleStep = None
-    ) -> tuple[PyTree, Any]: ...
+Update = Callable[..., tuple[PyTree, Any]]
+"""``update(updates, state, params=None, **extra_args) -> (updates, state)``; a rule may take
+only the first three, or name the extra keywords it reads (``schedule_step``)."""
 
 
 class GradientTransformation(NamedTuple):
@@ -52,19 +53,23 @@ class GradientTransformation(NamedTuple):
 
     Attributes:
         init: ``init(params) -> state``, a NamedTuple of tensors.
-        update: ``update(updates, state, params=None, schedule_step=None) ->
+        update: ``update(updates, state, params=None, **extra_args) ->
             (updates, state)``; the incoming updates are gradients, the
             outgoing ones are added to the params by :func:`apply_updates`.
-            ``schedule_step`` is a value schedules read instead of their own
-            step count (``train_step(schedule_clock="progress")`` passes the
-            reducer's :attr:`~funcaccum.Control.progress`); a rule without a
-            schedule ignores it, and a rule built from others passes it on.
+            Extra arguments come by keyword, as in optax, and a rule takes
+            only those it names: funcaccum's schedules read
+            ``schedule_step=``, a value to read instead of their own step
+            count (``train_step(schedule_clock="progress")`` passes the
+            reducer's :attr:`~funcaccum.extend.Control.progress`). A rule
+            written as optax writes one, ``update(updates, state,
+            params=None)``, works in :func:`chain` and in
+            :func:`~funcaccum.train_step` as it is.
 
     Example:
         A rule that flips the gradient's sign (the learning rate comes later in a chain):
 
         >>> from funcaccum import optim
-        >>> def update(updates, state, params=None, schedule_step=None):
+        >>> def update(updates, state, params=None):
         ...     return {k: -u for k, u in updates.items()}, state
         >>> negate = optim.GradientTransformation(init=lambda params: (), update=update)
         >>> rule = optim.chain(negate, optim.scale_by_learning_rate(0.5))
@@ -75,7 +80,48 @@ class GradientTransformation(NamedTuple):
     """
 
     init: _Init
-    update: _Update
+    update: Update
+
+
+def extras_taken(update: Update) -> frozenset[str] | None:
+    """The extra keywords ``update`` names, or None if it takes any (``**kwargs``)."""
+    try:
+        parameters = inspect.signature(update).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: the three arguments only
+        return frozenset()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    named = [p for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    keywords = [p.name for p in named[3:] if p.kind is not inspect.Parameter.POSITIONAL_ONLY]
+    return frozenset(keywords)
+
+
+def with_extra_args_support(transform: GradientTransformation) -> GradientTransformation:
+    """``transform`` whose ``update`` takes extra keyword arguments, passing on only those it names.
+
+    As optax's ``with_extra_args_support``: a rule written ``update(updates,
+    state, params=None)`` ignores extras; one that names ``schedule_step`` gets
+    it. The signature is read once, here, not at every update.
+
+    Example:
+        >>> from funcaccum import optim
+        >>> def update(updates, state, params=None):               # optax's three arguments
+        ...     return {k: 2 * u for k, u in updates.items()}, state
+        >>> rule = optim.with_extra_args_support(optim.GradientTransformation(lambda p: (), update))
+        >>> rule.update({"w": torch.ones(1)}, (), None, schedule_step=torch.tensor(3))[0]
+        {'w': tensor([2.])}
+    """
+    taken = extras_taken(transform.update)
+    if taken is None:
+        return transform
+    inner = transform.update
+
+    def update(
+        updates: PyTree, state: Any, params: PyTree = None, **extra_args: Any
+    ) -> tuple[PyTree, Any]:
+        return inner(updates, state, params, **{k: v for k, v in extra_args.items() if k in taken})
+
+    return GradientTransformation(transform.init, update)
 
 
 def hyperparams(params: PyTree, **values: float | torch.Tensor) -> dict[str, torch.Tensor]:
@@ -105,21 +151,21 @@ def with_checks(
         owner: the rule, for messages, such as ``"scale_by_adam()"``.
         needs_params: ``update`` must be given the params (weight decay reads them).
     """
-    inner_init, inner_update = transform
+    inner_init, inner_update = with_extra_args_support(transform)
 
     def init(params: PyTree) -> Any:
         check_params(params)
         return inner_init(params)
 
     def update(
-        updates: PyTree, state: Any, params: PyTree = None, schedule_step: ScheduleStep = None
+        updates: PyTree, state: Any, params: PyTree = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
         state_check(state)
         if needs_params and params is None:
             raise FuncaccumError(
                 f"{owner} reads the params: call update(updates, state, params), not without them"
             )
-        return inner_update(updates, state, params, schedule_step)
+        return inner_update(updates, state, params, **extra_args)
 
     update.checked = True  # type: ignore[attr-defined]  # marks a guarded rule for checked()
     return GradientTransformation(init, update)
@@ -194,18 +240,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                 f"optim.sgd(0.1), called), got {describe(transform)}"
             )
 
+    # Extra arguments go by keyword, each member taking those it names (optax's chain).
+    members = [with_extra_args_support(t) for t in transforms]
+
     def init(params: PyTree) -> tuple[Any, ...]:
-        return tuple(t.init(params) for t in transforms)
+        return tuple(t.init(params) for t in members)
 
     def update(
-        updates: PyTree,
-        state: tuple[Any, ...],
-        params: PyTree = None,
-        schedule_step: ScheduleStep = None,
+        updates: PyTree, state: tuple[Any, ...], params: PyTree = None, **extra_args: Any
     ) -> tuple[PyTree, Any]:
         new_state = []
-        for transform, inner in zip(transforms, state, strict=True):
-            updates, inner = transform.update(updates, inner, params, schedule_step)
+        for transform, inner in zip(members, state, strict=True):
+            updates, inner = transform.update(updates, inner, params, **extra_args)
             new_state.append(inner)
         return updates, tuple(new_state)
 
@@ -231,10 +277,11 @@ Hyperparams = dict[str, torch.Tensor]
 
 def _map_hyperparams(state: Any, fn: Callable[[Hyperparams], Hyperparams]) -> Any:
     if isinstance(state, tuple) and hasattr(state, "_fields"):
-        if "hyperparams" in state._fields:
-            return state._replace(hyperparams=fn(state.hyperparams))
+        named: Any = state
+        if "hyperparams" in named._fields:
+            return named._replace(hyperparams=fn(named.hyperparams))
         # A state holding other states (masked, multi_transform): look inside.
-        return state._make(_map_hyperparams(inner, fn) for inner in state)
+        return named._make(_map_hyperparams(inner, fn) for inner in named)
     if isinstance(state, tuple):
         return tuple(_map_hyperparams(inner, fn) for inner in state)
     if type(state) is dict:  # multi_transform's states by label; other mappings are leaves

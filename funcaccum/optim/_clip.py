@@ -48,6 +48,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         updates: PyTree,
         state: ClipByGlobalNormState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ClipByGlobalNormState]:
         limit = state.hyperparams["max_norm"]

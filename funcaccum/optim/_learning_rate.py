@@ -32,7 +32,7 @@ class ScaleByLearningRateState(NamedTuple):
         (tensor(0), 0.1)
     """
 
-    count: torch.Tensor  # optimizer steps taken
+    count: torch.Tensor  # type: ignore[assignment]  # optimizer steps taken
     hyperparams: dict[str, torch.Tensor]  # learning_rate: the one the latest update used
 
 
@@ -61,13 +61,14 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
 
     def init(params: PyTree) -> ScaleByLearningRateState:
         count = _count(params)
-        first = schedule(count) if schedule is not None else learning_rate
+        first = learning_rate(count) if callable(learning_rate) else learning_rate
         return ScaleByLearningRateState(count, hyperparams(params, learning_rate=first))
 
     def update(
         updates: PyTree,
         state: ScaleByLearningRateState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByLearningRateState]:
         clock = state.count if schedule_step is None else schedule_step
@@ -88,7 +89,7 @@ class ScaleByScheduleState(NamedTuple):
         tensor(0)
     """
 
-    count: torch.Tensor
+    count: torch.Tensor  # type: ignore[assignment]  # named as optax names it
 
 
 @checked(ScaleByScheduleState)
@@ -112,6 +113,7 @@ def scale_by_schedule(schedule: Schedule) -> GradientTransformation:
         updates: PyTree,
         state: ScaleByScheduleState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByScheduleState]:
         clock = state.count if schedule_step is None else schedule_step

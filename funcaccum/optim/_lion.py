@@ -55,6 +55,7 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         updates: PyTree,
         state: ScaleByLionState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByLionState]:
         h = state.hyperparams

@@ -11,7 +11,7 @@ import torch  # noqa: F401  (the doctests' namespace)
 from .._errors import FuncaccumError
 from .._tree import PyTree
 from .._validate import check_state, describe
-from ._base import GradientTransformation, ScheduleStep, with_checks
+from ._base import GradientTransformation, with_checks, with_extra_args_support
 
 __all__ = [
     "Mask",
@@ -175,6 +175,7 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         )
     if not callable(mask) and not optree.tree_leaves(mask, none_is_leaf=True):
         raise FuncaccumError(f"mask must be a pytree of bools or a callable, got {describe(mask)}")
+    inner = with_extra_args_support(inner)
 
     def init(params: PyTree) -> MaskedState:
         # The same (unbroadcast) tree that update selects with, so the structures agree.
@@ -185,14 +186,14 @@ def masked(inner: GradientTransformation, mask: Mask) -> GradientTransformation:
         updates: PyTree,
         state: MaskedState,
         params: PyTree = None,
-        schedule_step: ScheduleStep = None,
+        **extra_args: Any,
     ) -> tuple[PyTree, MaskedState]:
         flags = mask(updates if params is None else params) if callable(mask) else mask
         inner_updates, inner_state = inner.update(
             select_leaves(updates, flags, bool),
             state.inner_state,
             None if params is None else select_leaves(params, flags, bool),
-            schedule_step=schedule_step,
+            **extra_args,
         )
         updates = optree.tree_map(
             lambda keep, new, old: new if keep else old,

@@ -11,7 +11,7 @@ import torch  # noqa: F401  (the doctests' namespace)
 from .._errors import FuncaccumError
 from .._tree import PyTree
 from .._validate import check_state, describe
-from ._base import GradientTransformation, ScheduleStep, with_checks
+from ._base import GradientTransformation, with_checks, with_extra_args_support
 from ._masked import leaf_labels, select_leaves
 
 __all__ = ["MultiTransformState", "multi_transform"]
@@ -94,7 +94,7 @@ def multi_transform(
                 f"transforms[{label!r}] must be a GradientTransformation (such as "
                 f"optim.sgd(0.1), called), got {describe(transform)}"
             )
-    transforms = dict(transforms)
+    transforms = {label: with_extra_args_support(t) for label, t in transforms.items()}
     position = {label: i for i, label in enumerate(transforms)}
     expected = f"one of the labels of transforms, {sorted(transforms)}"
 
@@ -120,7 +120,7 @@ def multi_transform(
         updates: PyTree,
         state: MultiTransformState,
         params: PyTree = None,
-        schedule_step: ScheduleStep = None,
+        **extra_args: Any,
     ) -> tuple[PyTree, MultiTransformState]:
         tree = updates if params is None else params
         labels = param_labels(tree) if callable(param_labels) else param_labels
@@ -131,7 +131,7 @@ def multi_transform(
                 select_leaves(updates, labels, keep),
                 state.inner_states[label],
                 None if params is None else select_leaves(params, labels, keep),
-                schedule_step=schedule_step,
+                **extra_args,
             )
             outputs.append(group_updates)
         # Each output holds its group's leaves and None elsewhere: take each leaf from its group.

@@ -56,6 +56,7 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
         updates: PyTree,
         state: TraceState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, TraceState]:
         decay = state.hyperparams["momentum"]

@@ -57,6 +57,7 @@ def add_decayed_weights(weight_decay: float, *, mask: Mask | None = None) -> Gra
         updates: PyTree,
         state: AddDecayedWeightsState,
         params: PyTree = None,
+        *,
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, AddDecayedWeightsState]:
         decay = state.hyperparams["weight_decay"]

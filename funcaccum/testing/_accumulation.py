@@ -10,7 +10,8 @@ import torch
 from torch.func import grad_and_value
 
 from .. import tree
-from .._accumulate import LossFn, accumulate
+from .._accumulate import accumulate
+from .._folder import LossFn
 from .._microbatch import split_microbatches
 from .._strategy import Strategy, chunked, vmap
 from .._tree import PyTree
@@ -37,7 +38,7 @@ def _value_grad_weight(loss_fn: LossFn, params: PyTree, batch: PyTree, has_weigh
 
 
 def _diagnose(
-    loss_fn: LossFn, params: PyTree, batch: PyTree, split: dict[str, int], has_weight: bool
+    loss_fn: LossFn, params: PyTree, batch: PyTree, split: dict[str, Any], has_weight: bool
 ) -> str:
     """Why a loss's microbatch gradients do not combine into its full-batch gradient."""
     first, second = (loss_fn(params, batch) for _ in range(2))
@@ -155,10 +156,10 @@ def assert_accumulation_exact(
         >>> def token_mean(params, batch):                 # normalises by its own tokens
         ...     losses = (batch["x"] @ params["w"] - batch["y"]) ** 2  # (m, t)
         ...     return (losses * batch["mask"]).sum() / batch["mask"].sum()
-        >>> batch = {"x": torch.randn(6, 4, 3), "y": torch.randn(6, 4),
-        ...          "mask": torch.rand(6, 4) < 0.6}
-        >>> batch["mask"][:, 0] = True
-        >>> params = {"w": torch.randn(3)}
+        >>> g = torch.Generator().manual_seed(0)
+        >>> batch = {"x": torch.randn(6, 4, 3, generator=g), "y": torch.randn(6, 4, generator=g),
+        ...          "mask": torch.arange(4) < torch.tensor([4, 4, 1, 2, 3, 1])[:, None]}
+        >>> params = {"w": torch.randn(3, generator=g)}
         >>> assert_accumulation_exact(token_mean, params, batch, num_microbatches=3)
         Traceback (most recent call last):
         ...
@@ -169,7 +170,10 @@ def assert_accumulation_exact(
         batch = tree.cast(batch, dtype)
     if num_microbatches is None and microbatch_size is None:
         num_microbatches = min(3, optree.tree_leaves(batch)[0].shape[0])
-    split = {"num_microbatches": num_microbatches, "microbatch_size": microbatch_size}
+    split: dict[str, Any] = {
+        "num_microbatches": num_microbatches,
+        "microbatch_size": microbatch_size,
+    }
     _, full, _ = _value_grad_weight(loss_fn, params, batch, has_weight)
     failures = []
     for strategy in strategies:

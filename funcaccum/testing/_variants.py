@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from .._fold import compiled
+from .._compile import compiled
 from .._tree import PyTree
 
 __all__ = ["Variant", "assert_max_compiles", "variants"]

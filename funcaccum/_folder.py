@@ -1,0 +1,294 @@
+"""The pieces a strategy folds microbatches with: the gradient, the loop, vmap, the add.
+
+Every piece chooses its own mode, eager or traced, so a strategy has one body:
+eagerly the gradient is plain autograd (the loss compiled when the step
+compiles it) and the loop a Python loop; inside ``torch.compile`` or a
+``torch.func`` transform the gradient is ``torch.func.grad`` and the loop the
+``scan`` op, traced once whatever its length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import optree
+import torch
+from torch._higher_order_ops.scan import scan as _scan_op
+from torch.func import grad_and_value
+
+from . import _fold
+from ._compile import CompileMode, compiled, traced
+from ._errors import FuncaccumError
+from ._fold import FoldState, LossSpec, MicrobatchOutput
+from ._functional import hold_parametrizations
+from ._microbatch import to_layout
+from ._reducer import Reducer
+from ._tree import PyTree
+
+__all__ = ["Folder", "LossFn", "Randomness", "check_randomness", "stack"]
+
+LossFn = Callable[..., Any]
+"""``loss_fn(params, batch)`` (or ``(params, model_state, batch)`` with ``has_state``): a
+0-d mean loss, or the pairs :class:`~funcaccum.Accumulation`'s ``has_*`` flags declare."""
+
+Randomness = Literal["error", "different", "same"]
+_RANDOMNESS = ("error", "different", "same")
+
+ValueAndGrad = Callable[[PyTree, PyTree, PyTree, int], tuple[PyTree, MicrobatchOutput]]
+Carry = TypeVar("Carry")
+
+_DETACHED = (
+    "the loss does not depend on the params: loss_fn detached it (.detach(), .item(), "
+    "torch.no_grad()) or never used params, so every gradient would be zero"
+)
+
+
+def check_randomness(randomness: object) -> Randomness:
+    """``randomness`` if it is one of ``"error"``, ``"different"``, ``"same"``; else raise."""
+    if randomness not in _RANDOMNESS:
+        raise FuncaccumError(f"randomness must be one of {_RANDOMNESS}, got {randomness!r}")
+    return randomness  # type: ignore[return-value]
+
+
+def stack(outputs: list[Any]) -> Any:
+    """Stack a list of equal-shaped pytrees along a new leading axis."""
+    return optree.tree_map(lambda *ys: torch.stack(ys), *outputs)
+
+
+def _pair(out: object, flag: str) -> tuple[Any, Any]:
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise FuncaccumError(
+            f"with {flag}=True, loss_fn must return a pair, got {type(out).__name__}"
+        )
+    return out[0], out[1]
+
+
+class Folder:
+    """What a :class:`~funcaccum.extend.Strategy` builds its group runner from.
+
+    One is made per loss, reducer, loss spec and compile setting, and a
+    strategy's ``build`` is called with it once. Every piece works eagerly and
+    inside a trace alike, so a strategy written with them has one body, which
+    runs eagerly, with ``compile="loss"`` and compiled whole.
+
+    Attributes:
+        loss_fn: the loss as the step calls it (params cast to the compute dtype).
+        reducer: the reducer the state is folded with.
+        spec: the :class:`~funcaccum.extend.LossSpec`: what the loss returns.
+    """
+
+    def __init__(
+        self,
+        loss_fn: LossFn,
+        reducer: Reducer,
+        spec: LossSpec,
+        *,
+        compile: CompileMode | None = None,
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.reducer = reducer
+        self.spec = spec
+        self._compile_loss = compile in ("loss", "loss+update")
+        self._by_func = _func_value_and_grad(self._forward)
+        self._by_autograd = _autograd_value_and_grad(compiled(self._forward, self._compile_loss))
+        self._add = compiled(self._add_plain, compile == "loss+update")
+
+    def value_and_grad(
+        self, params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
+    ) -> tuple[PyTree, MicrobatchOutput]:
+        """One microbatch's gradient and :class:`~funcaccum.extend.MicrobatchOutput`.
+
+        ``microbatch`` has ``size`` examples along its leading axis;
+        ``model_state`` is ``()`` without ``has_state``. Eagerly this is
+        plain autograd on fresh leaves (the hand-written loop's backward,
+        compiled with the loss when the step compiles it; checkpointing and
+        compiled regions work inside the loss); under ``vmap`` or inside a
+        compiled step it is :func:`torch.func.grad`.
+        """
+        take = self._by_func if traced() else self._by_autograd
+        return take(params, model_state, microbatch, size)
+
+    def loop(
+        self,
+        body: Callable[[Carry, PyTree], tuple[Carry, PyTree]],
+        carry: Carry,
+        xs: PyTree,
+    ) -> tuple[Carry, Any]:
+        """``for x in xs: carry, y = body(carry, x)``; returns the carry and the ``y`` stacked.
+
+        ``xs`` is sliced along its leading axis. Eagerly a Python loop;
+        inside a compiled step the ``scan`` op, which traces ``body`` once
+        whatever the length. ``body`` returns tensors, tuples, lists, dicts
+        and NamedTuples (the carry is flattened for the op).
+        """
+        if torch.compiler.is_compiling():
+            leaves, treedef = optree.tree_flatten(carry)
+
+            def flat_body(leaves: list[torch.Tensor], x: PyTree) -> tuple[list[torch.Tensor], Any]:
+                new, y = body(optree.tree_unflatten(treedef, leaves), x)
+                return optree.tree_leaves(new), y
+
+            leaves, ys = _scan_op(flat_body, leaves, xs)
+            return optree.tree_unflatten(treedef, leaves), ys
+        count = optree.tree_leaves(xs)[0].shape[0]
+        outputs = []
+        for i in range(count):
+            carry, y = body(carry, optree.tree_map(lambda x, i=i: x[i], xs))
+            outputs.append(y)
+        return carry, stack(outputs)
+
+    def vmap(
+        self, fn: Callable[..., Any], in_dims: tuple[int | None, ...], randomness: Randomness
+    ) -> Callable[..., Any]:
+        """``torch.func.vmap(fn)``, whose failures get an error that says what to do."""
+
+        def call(*args: Any) -> Any:
+            batched = torch.func.vmap(fn, in_dims=in_dims, randomness=randomness)
+            if torch.compiler.is_compiling():
+                return batched(*args)
+            try:
+                return batched(*args)
+            except RuntimeError as error:
+                raise _vmap_error(error) from error
+
+        return call
+
+    def add(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
+        """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``."""
+        return self._add(state, grads, output)
+
+    def add_by_norms(
+        self,
+        state: FoldState,
+        norms: torch.Tensor,
+        weights: torch.Tensor,
+        weighted_sum: Callable[[torch.Tensor], PyTree],
+        loss_sum: torch.Tensor,
+    ) -> FoldState:
+        """Fold ``c`` microbatches by their gradient norms (see :func:`_fold.add_by_norms`)."""
+        return _fold.add_by_norms(self.reducer, state, norms, weights, weighted_sum, loss_sum)
+
+    def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` compiled if this step compiles its loss, else ``fn`` (plain inside a trace)."""
+        return compiled(fn, self._compile_loss)
+
+    def require_eager(self, what: str, instead: str) -> None:
+        """Refuse to run inside a trace, for pieces that need eager tensors (forward hooks)."""
+        if traced():
+            raise FuncaccumError(f"{what} runs eagerly; {instead}")
+
+    def _add_plain(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
+        return _fold.add(self.reducer, state, grads, output, has_weight=self.spec.has_weight)
+
+    def _forward(
+        self, params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
+    ) -> tuple[torch.Tensor, MicrobatchOutput]:
+        """The loss and its output, the loss checked: 0-d, floating, with a 0-d weight."""
+        spec = self.spec
+        microbatch = to_layout(microbatch, spec.batch_dim)
+        new_state: PyTree = ()
+        if spec.has_state:
+            out, new_state = _pair(self.loss_fn(params, model_state, microbatch), "has_state")
+            new_state = optree.tree_map(torch.Tensor.detach, new_state)
+        else:
+            out = self.loss_fn(params, microbatch)
+        aux: PyTree = ()  # vmap and scan need tensor outputs; () stands for "no aux"
+        if spec.has_aux:
+            out, aux = _pair(out, "has_aux")
+        loss, weight = _pair(out, "has_weight") if spec.has_weight else (out, size)
+        if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+            got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            hint = (
+                " (return a pair? pass has_aux=True or has_weight=True)"
+                if isinstance(loss, tuple)
+                else ""
+            )
+            raise FuncaccumError(
+                "loss_fn must return a 0-d tensor, the mean loss over its microbatch; "
+                f"got {got}{hint}"
+            )
+        if not loss.is_floating_point():
+            raise FuncaccumError(
+                f"loss_fn returned a {loss.dtype} loss; a loss must be a floating-point tensor "
+                "computed from the params (an integer loss has no gradient)"
+            )
+        weight = torch.as_tensor(weight, device=loss.device)
+        if weight.ndim != 0:
+            raise FuncaccumError(
+                f"the weight loss_fn returns must be 0-d, got shape {tuple(weight.shape)}"
+            )
+        return loss, MicrobatchOutput(loss.detach(), weight, aux, new_state)
+
+
+def _vmap_error(error: RuntimeError) -> FuncaccumError:
+    """What a failure inside vmap means for the user, and what to do."""
+    if "randomness" in str(error):
+        return FuncaccumError(
+            "loss_fn draws random numbers (dropout?) under vmap. Choose what microbatches "
+            "see: vmap(randomness='different') (independent draws, as a sequential loop "
+            "gives) or vmap(randomness='same') (one draw shared by every microbatch)."
+        )
+    return FuncaccumError(
+        f"loss_fn failed under torch.func.vmap, which the vmap and chunked strategies "
+        f"use: {str(error).splitlines()[0]}\nIf the loss runs without vmap, the model uses "
+        "something vmap cannot batch (data-dependent control flow such as a padding-mask "
+        "check, an in-place write into an unbatched tensor, an op without a batching rule; "
+        "nn.LSTM is one): use strategy=scan(), which runs each microbatch as it is."
+    )
+
+
+def _autograd_value_and_grad(
+    forward: Callable[..., tuple[torch.Tensor, MicrobatchOutput]],
+) -> ValueAndGrad:
+    """One microbatch's gradient by plain autograd, on fresh leaves that alias the params.
+
+    Eagerly this is the hand-written loop's forward and backward, without the
+    per-op cost of the ``torch.func`` transforms; it also lets ``forward`` be a
+    compiled function (forward and backward graphs, as ``torch.compile(model)``
+    gives the loop), and activation checkpointing and compiled regions work
+    inside the loss. The params are not modified: the leaves are new tensor
+    objects, and ``torch.autograd.grad`` returns the gradients instead of
+    writing ``.grad``.
+    """
+
+    def value_and_grad(
+        params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
+    ) -> tuple[PyTree, MicrobatchOutput]:
+        leaves, treedef = optree.tree_flatten(params)
+        inputs = [leaf.detach().requires_grad_() for leaf in leaves]
+        # The backward runs with the forward's params in place (checkpointing recomputes).
+        with torch.enable_grad(), hold_parametrizations():
+            loss, output = forward(
+                optree.tree_unflatten(treedef, inputs), model_state, microbatch, size
+            )
+            if not loss.requires_grad:
+                raise FuncaccumError(_DETACHED)
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+        return optree.tree_unflatten(treedef, list(grads)), output
+
+    return value_and_grad
+
+
+def _func_value_and_grad(
+    forward: Callable[..., tuple[torch.Tensor, MicrobatchOutput]],
+) -> ValueAndGrad:
+    """One microbatch's gradient by :func:`torch.func.grad`, for ``vmap`` and a traced step."""
+
+    def checked(
+        params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
+    ) -> tuple[torch.Tensor, MicrobatchOutput]:
+        loss, output = forward(params, model_state, microbatch, size)
+        if not loss.requires_grad:
+            raise FuncaccumError(_DETACHED)
+        return loss, output
+
+    def value_and_grad(
+        params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
+    ) -> tuple[PyTree, MicrobatchOutput]:
+        grads, (_, output) = grad_and_value(checked, has_aux=True)(
+            params, model_state, microbatch, size
+        )
+        return grads, output
+
+    return value_and_grad
