@@ -216,11 +216,15 @@ class Runner:
         accumulation = self.accumulation
         if folded is None:
             folded = Folded(accumulation.init(params), model_state)
+            self.folder.own(folded.state)  # new here: the strategy may sum into it in place
         state, model_state = folded.state, folded.model_state
         outputs: list[PyTree] = [] if folded.aux is None else [folded.aux]
-        for group in accumulation.split(batch):
-            state, out, model_state = self.run_group(params, state, group, model_state)
-            outputs.append(out.aux)
+        try:
+            for group in accumulation.split(batch):
+                state, out, model_state = self.run_group(params, state, group, model_state)
+                outputs.append(out.aux)
+        finally:
+            self.folder.own(None)  # what is returned is the caller's
         return Folded(state, model_state, concat(outputs) if accumulation.has_aux else None)
 
 

@@ -307,7 +307,9 @@ def adaptive(
         n, k = scalar_zeros(params, 2, scalars)
         return AdaptiveState(accumulator_like(params, accum_dtype), squares, n, k)
 
-    def update(state: AdaptiveState, grads: PyTree, weight: torch.Tensor) -> AdaptiveState:
+    def update(
+        state: AdaptiveState, grads: PyTree, weight: torch.Tensor, *, donate: bool = False
+    ) -> AdaptiveState:
         check_state(state, AdaptiveState, owner="adaptive()", role="update")
         units, weights = as_units(grads, weight)
         weights = weights.to(scalars)
@@ -316,7 +318,7 @@ def adaptive(
             return total + torch.dot(weights, unit_squared_norms(g, sum_dtype=scalars))
 
         return AdaptiveState(
-            tree.add_weighted(state.grad_sum, grads, weight.to(scalars)),
+            tree.add_weighted(state.grad_sum, grads, weight.to(scalars), donate=donate),
             optree.tree_map(weighted_squares, state.square_sum, units),
             state.weight_sum + weights.sum(),
             state.unit_count + (weights > 0).sum(),
@@ -326,7 +328,7 @@ def adaptive(
         """The exact norm test, ``n theta^2 G2 >= T``."""
         return n * theta**2 * grad_sq >= trace
 
-    def finalize(state: AdaptiveState) -> tuple[PyTree, AdaptiveStats]:
+    def finalize(state: AdaptiveState, *, donate: bool = False) -> tuple[PyTree, AdaptiveStats]:
         check_state(state, AdaptiveState, owner="adaptive()", role="finalize")
         n, k = state.weight_sum, state.unit_count
         trace, grad_sq = noise_statistics(state)
@@ -334,7 +336,7 @@ def adaptive(
         reported = AdaptiveStats(
             trace, grad_sq, passes(n, trace, grad_sq), n, k, *outputs, torch.zeros_like(n)
         )
-        return tree.scale(state.grad_sum, 1 / n), reported
+        return tree.scale(state.grad_sum, 1 / n, donate=donate), reported
 
     def init_carry(params: PyTree) -> AdaptiveCarry:
         trace_ema, grad_sq_ema, ema_weight, progress, suggested_k = scalar_zeros(params, 5, scalars)

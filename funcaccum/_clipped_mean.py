@@ -20,7 +20,7 @@ from ._reducer import (
     scalar_zeros,
     typed_merge,
 )
-from ._tree import PyTree, accumulator_like, unit_squared_norms
+from ._tree import PyTree, accumulator_like, foreach_map, unit_squared_norms
 from ._validate import check_dtype, check_real, check_state
 
 __all__ = ["ClippedMeanState", "ClippedMeanStats", "clipped_mean"]
@@ -164,6 +164,8 @@ def clipped_mean(
         norms: torch.Tensor,
         weights: torch.Tensor,
         weighted_sum: Callable[[torch.Tensor], PyTree],
+        *,
+        donate: bool = False,
     ) -> ClippedMeanState:
         """Fold ``c`` units from their norms; ``weighted_sum(c)`` is ``sum_i c_i g_i``."""
         check_state(state, ClippedMeanState, owner="clipped_mean()", role="update")
@@ -175,10 +177,11 @@ def clipped_mean(
         )
         active = weights != 0
         zero = torch.zeros_like(norms)
+        clipped = weighted_sum(torch.where(active, weights * factor, 0))
         return ClippedMeanState(
-            clipped_sum=tree.add(
-                state.clipped_sum, weighted_sum(torch.where(active, weights * factor, 0))
-            ),
+            clipped_sum=foreach_map(lambda a, c: a.add_(c), state.clipped_sum, clipped, donate=True)
+            if donate
+            else tree.add(state.clipped_sum, clipped),
             weight_sum=state.weight_sum + weights.sum(),
             unit_count=state.unit_count + active.sum(),
             clipped_count=state.clipped_count + (active & (norms > max_norm)).sum(),
@@ -190,7 +193,9 @@ def clipped_mean(
             ),
         )
 
-    def update(state: ClippedMeanState, grads: PyTree, weight: torch.Tensor) -> ClippedMeanState:
+    def update(
+        state: ClippedMeanState, grads: PyTree, weight: torch.Tensor, *, donate: bool = False
+    ) -> ClippedMeanState:
         units, weights = as_units(grads, weight)
         norms = torch.sqrt(unit_squared_norms(units, dtype=override))
 
@@ -198,9 +203,11 @@ def clipped_mean(
             total = tree.weighted_sum(units, coefficients, dtype=override)
             return optree.tree_map(lambda t, a: t.to(a.dtype), total, state.clipped_sum)
 
-        return update_by_norms(state, norms, weights, weighted_sum)
+        return update_by_norms(state, norms, weights, weighted_sum, donate=donate)
 
-    def finalize(state: ClippedMeanState) -> tuple[PyTree, ClippedMeanStats]:
+    def finalize(
+        state: ClippedMeanState, *, donate: bool = False
+    ) -> tuple[PyTree, ClippedMeanStats]:
         check_state(state, ClippedMeanState, owner="clipped_mean()", role="finalize")
         total = state.clipped_sum
         if noise_multiplier > 0:
@@ -214,7 +221,10 @@ def clipped_mean(
                 total,
             )
         units = state.unit_count
-        return tree.scale(total, 1 / divisor(state.weight_sum, denominator)), ClippedMeanStats(
+        # Noise made new tensors, which are this call's own to scale.
+        scale = 1 / divisor(state.weight_sum, denominator)
+        scaled = tree.scale(total, scale, donate=donate or noise_multiplier > 0)
+        return scaled, ClippedMeanStats(
             clip_fraction=state.clipped_count / units,
             norm_mean=state.norm_sum / units,
             norm_max=state.norm_max.value,

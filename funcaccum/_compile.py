@@ -10,7 +10,14 @@ import torch
 
 from ._errors import FuncaccumError
 
-__all__ = ["Compile", "CompileMode", "check_compile", "compiled", "traced"]
+__all__ = [
+    "Compile",
+    "CompileMode",
+    "check_compile",
+    "compiled",
+    "deterministic_on_cpu",
+    "traced",
+]
 
 CompileMode = Literal["loss", "loss+update", "step"]
 """What a step compiles, each piece one ``fullgraph`` graph with static shapes:
@@ -61,7 +68,9 @@ def compiled(fn: F, enabled: bool = True) -> F:
     """``fn`` compiled as funcaccum compiles (one whole graph, static shapes), or ``fn``.
 
     Inside a caller's own trace (a step compiled whole) the plain ``fn`` runs,
-    so it is traced into that graph rather than compiled apart.
+    so it is traced into that graph rather than compiled apart. On the CPU the
+    graph is compiled and run under torch's deterministic algorithms, so two
+    runs are bit-identical (see :func:`deterministic_on_cpu`).
     """
     if not enabled:
         return fn
@@ -71,6 +80,54 @@ def compiled(fn: F, enabled: bool = True) -> F:
     def call(*args: object, **kwargs: object) -> object:
         if torch.compiler.is_compiling():
             return fn(*args, **kwargs)
-        return graph(*args, **kwargs)
+        with deterministic_on_cpu(args):
+            return graph(*args, **kwargs)
 
     return call  # type: ignore[return-value]
+
+
+class deterministic_on_cpu:  # noqa: N801  (a context manager, named as one is used)
+    """torch's deterministic algorithms on while a compiled piece runs on CPU tensors.
+
+    Inductor's CPU kernels sum scattered values (an embedding's gradient, an
+    ``index_put`` with ``accumulate=True``) with atomic adds across threads,
+    in an order that changes from run to run; with deterministic algorithms
+    enabled when a graph is lowered it calls the serial ATen kernel instead,
+    and two runs of a compiled step are bit-identical. The setting is torch's
+    own global one, restored on exit; on CUDA funcaccum leaves it to the user
+    (it needs ``CUBLAS_WORKSPACE_CONFIG`` set before CUDA starts, and costs
+    more there): ``torch.use_deterministic_algorithms(True)`` applies as usual.
+    """
+
+    __slots__ = ("args", "before")
+
+    def __init__(self, args: tuple[object, ...]) -> None:
+        self.args = args
+
+    def __enter__(self) -> None:
+        self.before: tuple[bool, bool] | None = None
+        first = _first_tensor(self.args)
+        if first is not None and first.device.type == "cpu":
+            self.before = (
+                torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+            )
+            torch.use_deterministic_algorithms(True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.before is not None:
+            torch.use_deterministic_algorithms(self.before[0], warn_only=self.before[1])
+
+
+def _first_tensor(tree: object) -> torch.Tensor | None:
+    """The first tensor in nested tuples, lists and dicts, found without flattening them all."""
+    if isinstance(tree, torch.Tensor):
+        return tree
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    if isinstance(tree, tuple | list):
+        for child in tree:
+            found = _first_tensor(child)
+            if found is not None:
+                return found
+    return None

@@ -10,6 +10,8 @@ through a :class:`~funcaccum.extend.Folder`, which calls :func:`add` and
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,6 +31,7 @@ __all__ = [
     "MicrobatchOutput",
     "add",
     "add_by_norms",
+    "add_mean",
     "finalize",
     "init",
     "merge",
@@ -136,11 +139,14 @@ def add(
     output: MicrobatchOutput,
     *,
     has_weight: bool = False,
+    donate: bool = False,
 ) -> FoldState:
     """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
 
     With ``has_weight``, a microbatch the loss gives zero weight (all padding)
-    adds exactly nothing, even when its loss and gradient are 0/0 = NaN.
+    adds exactly nothing, even when its loss and gradient are 0/0 = NaN. With
+    ``donate`` the caller gives ``state`` up, and a reducer whose ``update``
+    takes ``donate=`` sums into its tensors instead of new ones.
     """
     weight = output.weight.to(state.weight_sum.dtype)
     present = weight != 0
@@ -153,10 +159,36 @@ def add(
         )
     weighted_loss = torch.where(present, weight * output.loss.to(weight.dtype), 0)
     return FoldState(
-        reducer.update(state.reducer, grads, weight),
+        _call(reducer.update, donate, state.reducer, grads, weight),
         state.loss_sum + weighted_loss.sum(),
         state.weight_sum + weight.sum(),
         state.microbatches + weight.numel(),
+    )
+
+
+def add_mean(
+    reducer: Reducer,
+    state: FoldState,
+    mean_grads: PyTree,
+    losses: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    donate: bool = False,
+) -> FoldState:
+    """Fold ``k`` microbatches of one ``weight`` by their mean gradient, for a linear reducer.
+
+    Equal to :func:`add` on each microbatch (up to rounding) for a reducer
+    with ``linear=True``: its sum gains ``k * weight`` times the mean
+    gradient. ``losses`` holds each microbatch's mean loss, ``(k,)``.
+    """
+    weight = weight.to(state.weight_sum.dtype)
+    count = losses.numel()
+    total = weight * count
+    return FoldState(
+        _call(reducer.update, donate, state.reducer, mean_grads, total),
+        state.loss_sum + weight * losses.to(weight.dtype).sum(),
+        state.weight_sum + total,
+        state.microbatches + count,
     )
 
 
@@ -167,6 +199,8 @@ def add_by_norms(
     weights: torch.Tensor,
     weighted_sum: Callable[[torch.Tensor], PyTree],
     loss_sum: torch.Tensor,
+    *,
+    donate: bool = False,
 ) -> FoldState:
     """Fold ``c`` microbatches known by their gradient norms (a strategy that forms no gradients).
 
@@ -177,6 +211,7 @@ def add_by_norms(
         weights: each microbatch's weight, ``(c,)``.
         weighted_sum: ``weighted_sum(coefficients)`` gives ``sum_i coefficients_i g_i``.
         loss_sum: ``sum_i w_i L_i`` over the ``c`` microbatches.
+        donate: the caller gives ``state`` up (see :func:`add`).
     """
     if reducer.update_by_norms is None:
         raise FuncaccumError(
@@ -185,11 +220,33 @@ def add_by_norms(
         )
     weights = weights.to(state.weight_sum.dtype)
     return FoldState(
-        reducer.update_by_norms(state.reducer, norms, weights, weighted_sum),
+        _call(reducer.update_by_norms, donate, state.reducer, norms, weights, weighted_sum),
         state.loss_sum + loss_sum.to(state.loss_sum.dtype),
         state.weight_sum + weights.sum(),
         state.microbatches + weights.numel(),
     )
+
+
+_TAKES_DONATE: weakref.WeakKeyDictionary[Callable[..., Any], bool] = weakref.WeakKeyDictionary()
+
+
+def takes_donate(fn: Callable[..., Any]) -> bool:
+    """Whether a reducer's function accepts ``donate=`` (the built-in ones do); read once."""
+    known = _TAKES_DONATE.get(fn)
+    if known is None:
+        try:
+            known = "donate" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            known = False
+        _TAKES_DONATE[fn] = known
+    return known
+
+
+def _call(fn: Callable[..., Any], donate: bool, *args: Any) -> Any:
+    """``fn(*args)``, with ``donate=True`` where asked and ``fn`` takes it."""
+    if donate and takes_donate(fn):
+        return fn(*args, donate=True)
+    return fn(*args)
 
 
 def merge(reducer: Reducer, a: FoldState, b: FoldState) -> FoldState:
@@ -202,7 +259,13 @@ def merge(reducer: Reducer, a: FoldState, b: FoldState) -> FoldState:
     )
 
 
-def finalize(reducer: Reducer, state: FoldState, aux: PyTree = None) -> Accumulated:
-    """The reduced gradient, the exact mean loss and the reducer's stats of a folded ``state``."""
-    grads, stats = reducer.finalize(state.reducer)
+def finalize(
+    reducer: Reducer, state: FoldState, aux: PyTree = None, *, donate: bool = False
+) -> Accumulated:
+    """The reduced gradient, the exact mean loss and the reducer's stats of a folded ``state``.
+
+    With ``donate`` the caller gives ``state`` up, and a reducer whose
+    ``finalize`` takes ``donate=`` divides its sums in place.
+    """
+    grads, stats = _call(reducer.finalize, donate, state.reducer)
     return Accumulated(grads, state.loss_sum / state.weight_sum, state.weight_sum, stats, aux)

@@ -9,6 +9,7 @@ compiles it) and the loop a Python loop; inside ``torch.compile`` or a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -18,11 +19,11 @@ from torch._higher_order_ops.scan import scan as _scan_op
 from torch.func import grad_and_value
 
 from . import _fold
-from ._compile import CompileMode, compiled, traced
+from ._compile import CompileMode, compiled, deterministic_on_cpu, traced
 from ._errors import FuncaccumError
 from ._fold import FoldState, LossSpec, MicrobatchOutput
 from ._functional import hold_parametrizations
-from ._microbatch import to_layout
+from ._microbatch import MicrobatchGroup, to_layout
 from ._reducer import Reducer
 from ._tree import PyTree
 
@@ -36,6 +37,8 @@ Randomness = Literal["error", "different", "same"]
 _RANDOMNESS = ("error", "different", "same")
 
 ValueAndGrad = Callable[[PyTree, PyTree, PyTree, int], tuple[PyTree, MicrobatchOutput]]
+# Params whose accumulation dtype is their own (at least float32): autograd may sum for them.
+_OWN_ACCUMULATION = (torch.float32, torch.float64)
 Carry = TypeVar("Carry")
 
 _DETACHED = (
@@ -90,9 +93,15 @@ class Folder:
         self.reducer = reducer
         self.spec = spec
         self._compile_loss = compile in ("loss", "loss+update")
+        self._compile_add = compile == "loss+update"
         self._by_func = _func_value_and_grad(self._forward)
-        self._by_autograd = _autograd_value_and_grad(compiled(self._forward, self._compile_loss))
-        self._add = compiled(self._add_plain, compile == "loss+update")
+        self._forward_eagerly = compiled(self._forward, self._compile_loss)
+        self._by_autograd = _autograd_value_and_grad(self._forward_eagerly, self._compile_loss)
+        self._add = compiled(self._add_plain, self._compile_add)
+        # The state this folder made last, eagerly: nobody else holds it, so adding to it
+        # may write into its tensors (see `own`).
+        self._owned: FoldState | None = None
+        self._sizes: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def value_and_grad(
         self, params: PyTree, model_state: PyTree, microbatch: PyTree, size: int
@@ -138,6 +147,76 @@ class Folder:
             outputs.append(y)
         return carry, stack(outputs)
 
+    def fold_in_order(
+        self, params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
+    ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
+        """Fold a group's microbatches one at a time, in order: :func:`~funcaccum.scan`'s body.
+
+        Each microbatch sees the model state the one before it left. It is
+        :meth:`loop` over :meth:`value_and_grad` and :meth:`add`, except
+        eagerly with a linear reducer (:func:`~funcaccum.mean`), microbatches
+        of one weight (no ``has_weight``) and float32 or float64 params: then
+        autograd sums the group's gradients into buffers this fold owns, as
+        ``.grad`` sums them in a hand-written loop, and the sum is folded
+        once. Returns the state, the stacked outputs and the model state.
+        """
+        if self._sums_by_autograd(params):
+            return self._fold_summed_by_autograd(params, state, group, model_state)
+
+        def body(carry: tuple[FoldState, PyTree], microbatch: PyTree) -> tuple[Any, Any]:
+            state, model_state = carry
+            grads, out = self.value_and_grad(params, model_state, microbatch, group.size)
+            ys = (out.loss, out.weight, out.aux)
+            return (self.add(state, grads, out), out.model_state), ys
+
+        (state, model_state), ys = self.loop(body, (state, model_state), group.batch)
+        return state, MicrobatchOutput(*ys), model_state
+
+    def _sums_by_autograd(self, params: PyTree) -> bool:
+        if not self.reducer.linear or self.spec.has_weight or self._compile_add or traced():
+            return False
+        return all(p.dtype in _OWN_ACCUMULATION for p in optree.tree_leaves(params))
+
+    def _fold_summed_by_autograd(
+        self, params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
+    ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
+        leaves, treedef = optree.tree_flatten(params)
+        # New leaves aliasing the params (never written): autograd sums into their .grad.
+        inputs = [leaf.detach().requires_grad_() for leaf in leaves]
+        fresh = optree.tree_unflatten(treedef, inputs)
+        losses, weights, auxes = [], [], []
+        for i in range(group.count):
+            microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
+            # The backward runs with the forward's params in place (checkpointing recomputes).
+            with (
+                torch.enable_grad(),
+                hold_parametrizations(),
+                _exactly(self._compile_loss, inputs),
+            ):
+                loss, out = self._forward_eagerly(fresh, model_state, microbatch, group.size)
+                if not loss.requires_grad:
+                    raise FuncaccumError(_DETACHED)
+                torch.autograd.backward(loss, inputs=inputs)
+            losses.append(out.loss)
+            weights.append(out.weight)
+            auxes.append(out.aux)
+            model_state = out.model_state
+        sums = [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs]
+        torch._foreach_div_(sums, float(group.count))  # the group's mean gradient, in place
+        outputs = MicrobatchOutput(torch.stack(losses), torch.stack(weights), stack(auxes))
+        owned = state is self._owned
+        state = _fold.add_mean(
+            self.reducer,
+            state,
+            optree.tree_unflatten(treedef, sums),
+            outputs.loss,
+            weights[0],
+            donate=owned,
+        )
+        if owned:
+            self._owned = state
+        return state, outputs, model_state
+
     def vmap(
         self, fn: Callable[..., Any], in_dims: tuple[int | None, ...], randomness: Randomness
     ) -> Callable[..., Any]:
@@ -155,8 +234,21 @@ class Folder:
         return call
 
     def add(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
-        """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``."""
-        return self._add(state, grads, output)
+        """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
+
+        ``state`` is consumed: keep the state this returns, not the one given.
+        Eagerly, a state this folder made (the fold's own accumulator, from
+        :meth:`own` or an earlier ``add``) is summed into in place, as
+        autograd accumulates ``.grad`` in a hand-written loop; a state from
+        elsewhere is never written.
+        """
+        if self._compile_add or traced():
+            return self._add(state, grads, output)
+        donate = state is self._owned
+        self._owned = _fold.add(
+            self.reducer, state, grads, output, has_weight=self.spec.has_weight, donate=donate
+        )
+        return self._owned
 
     def add_by_norms(
         self,
@@ -166,8 +258,24 @@ class Folder:
         weighted_sum: Callable[[torch.Tensor], PyTree],
         loss_sum: torch.Tensor,
     ) -> FoldState:
-        """Fold ``c`` microbatches by their gradient norms (see :func:`_fold.add_by_norms`)."""
-        return _fold.add_by_norms(self.reducer, state, norms, weights, weighted_sum, loss_sum)
+        """Fold ``c`` microbatches by their gradient norms; ``state`` is consumed, as in add."""
+        if traced():
+            return _fold.add_by_norms(self.reducer, state, norms, weights, weighted_sum, loss_sum)
+        donate = state is self._owned
+        self._owned = _fold.add_by_norms(
+            self.reducer, state, norms, weights, weighted_sum, loss_sum, donate=donate
+        )
+        return self._owned
+
+    def own(self, state: FoldState | None) -> None:
+        """Mark ``state`` as this folder's own (a fresh fold's), or clear the mark with None.
+
+        A :class:`~funcaccum.extend.Runner` marks the state it starts a fold
+        from and clears the mark when the fold ends, so no state it returns is
+        written again. Inside a trace nothing is marked: traced code is pure.
+        """
+        if not traced():
+            self._owned = state
 
     def compile(self, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` compiled if this step compiles its loss, else ``fn`` (plain inside a trace)."""
@@ -177,6 +285,13 @@ class Folder:
         """Refuse to run inside a trace, for pieces that need eager tensors (forward hooks)."""
         if traced():
             raise FuncaccumError(f"{what} runs eagerly; {instead}")
+
+    def _size_weight(self, size: int, device: torch.device) -> torch.Tensor:
+        """A microbatch's example count as a 0-d tensor, made once per size (never written)."""
+        key = (size, device)
+        if key not in self._sizes:
+            self._sizes[key] = torch.tensor(size, device=device)
+        return self._sizes[key]
 
     def _add_plain(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
         return _fold.add(self.reducer, state, grads, output, has_weight=self.spec.has_weight)
@@ -213,12 +328,21 @@ class Folder:
                 f"loss_fn returned a {loss.dtype} loss; a loss must be a floating-point tensor "
                 "computed from the params (an integer loss has no gradient)"
             )
+        if isinstance(weight, int) and not traced():
+            weight = self._size_weight(weight, loss.device)
         weight = torch.as_tensor(weight, device=loss.device)
         if weight.ndim != 0:
             raise FuncaccumError(
                 f"the weight loss_fn returns must be 0-d, got shape {tuple(weight.shape)}"
             )
         return loss, MicrobatchOutput(loss.detach(), weight, aux, new_state)
+
+
+def _exactly(
+    compiled_loss: bool, inputs: list[torch.Tensor]
+) -> deterministic_on_cpu | contextlib.nullcontext[None]:
+    """Around a compiled loss's forward and backward: deterministic kernels on the CPU."""
+    return deterministic_on_cpu((inputs,)) if compiled_loss else contextlib.nullcontext()
 
 
 def _vmap_error(error: RuntimeError) -> FuncaccumError:
@@ -239,7 +363,7 @@ def _vmap_error(error: RuntimeError) -> FuncaccumError:
 
 
 def _autograd_value_and_grad(
-    forward: Callable[..., tuple[torch.Tensor, MicrobatchOutput]],
+    forward: Callable[..., tuple[torch.Tensor, MicrobatchOutput]], compiled_loss: bool
 ) -> ValueAndGrad:
     """One microbatch's gradient by plain autograd, on fresh leaves that alias the params.
 
@@ -249,7 +373,8 @@ def _autograd_value_and_grad(
     gives the loop), and activation checkpointing and compiled regions work
     inside the loss. The params are not modified: the leaves are new tensor
     objects, and ``torch.autograd.grad`` returns the gradients instead of
-    writing ``.grad``.
+    writing ``.grad``. A compiled loss runs, backward included (which
+    AOTAutograd compiles at its first call), under :func:`_exactly`.
     """
 
     def value_and_grad(
@@ -258,7 +383,7 @@ def _autograd_value_and_grad(
         leaves, treedef = optree.tree_flatten(params)
         inputs = [leaf.detach().requires_grad_() for leaf in leaves]
         # The backward runs with the forward's params in place (checkpointing recomputes).
-        with torch.enable_grad(), hold_parametrizations():
+        with torch.enable_grad(), hold_parametrizations(), _exactly(compiled_loss, inputs):
             loss, output = forward(
                 optree.tree_unflatten(treedef, inputs), model_state, microbatch, size
             )

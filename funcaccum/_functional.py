@@ -22,8 +22,7 @@ Apply = Callable[..., Any]
 _held = threading.local()
 
 
-@contextlib.contextmanager
-def hold_parametrizations() -> Iterator[None]:
+class hold_parametrizations:  # noqa: N801  (a context manager, named as one is used)
     """Keep every module ``apply`` reparametrizes in this block so until the block ends.
 
     ``torch.func.functional_call`` swaps the params in for one forward call and
@@ -32,15 +31,61 @@ def hold_parametrizations() -> Iterator[None]:
     attributes then: outside the swap, the module's own (stale) weights, and a
     silently wrong gradient. funcaccum runs each microbatch's forward and
     backward inside this block, so the recomputation sees the same params.
+    (A class, not a generator: it is entered once per microbatch.)
     """
-    outer = getattr(_held, "exits", None)
-    _held.exits = []
-    try:
-        yield
-    finally:
-        exits, _held.exits = _held.exits, outer
+
+    __slots__ = ("outer",)
+
+    def __enter__(self) -> None:
+        self.outer = getattr(_held, "exits", None)
+        _held.exits = []
+
+    def __exit__(self, *exc: object) -> None:
+        exits, _held.exits = _held.exits, self.outer
         for exit_ in reversed(exits):
             exit_()
+
+
+class _Slots:
+    """Where each of a module's tensors lives, found once, to swap values in per call.
+
+    ``torch.func.functional_call`` finds them again on every call (it walks the
+    module tree to untie shared weights), which costs more than a small
+    model's microbatch. This holds, for every parameter and buffer name, tied
+    aliases included, the dict it lives in and its key there, so a swap is a
+    dict assignment per tensor, as torch's own swap does, undone afterwards.
+    A call whose names differ from the module's, or a traced call, goes
+    through ``functional_call``'s own path.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        canonical: dict[int, str] = {}
+        self.slots: list[tuple[str, dict[str, Any], str]] = []
+        members = [
+            *((n, t, "_parameters") for n, t in module.named_parameters(remove_duplicate=False)),
+            *((n, t, "_buffers") for n, t in module.named_buffers(remove_duplicate=False)),
+        ]
+        for name, tensor, where in members:
+            owner, _, attr = name.rpartition(".")
+            store = getattr(module.get_submodule(owner), where)
+            # A tied tensor takes the value given for its first name, as tie_weights=True does.
+            self.slots.append((canonical.setdefault(id(tensor), name), store, attr))
+        self.names = set(canonical.values())
+
+    def fits(self, values: dict[str, torch.Tensor]) -> bool:
+        """Whether ``values`` names exactly the module's tensors (each tie once)."""
+        return len(values) == len(self.names) and values.keys() == self.names
+
+    @contextlib.contextmanager
+    def swap(self, values: dict[str, torch.Tensor]) -> Iterator[None]:
+        saved = [(store, attr, store[attr]) for _, store, attr in self.slots]
+        try:
+            for name, store, attr in self.slots:
+                store[attr] = values[name]
+            yield
+        finally:
+            for store, attr, original in reversed(saved):
+                store[attr] = original
 
 
 def _batch_norms_in_training(module: nn.Module) -> list[str]:
@@ -141,9 +186,16 @@ def functional_model(
     state_names = set(buffers)
     buffers |= {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
+    slots = _Slots(module)
+
     def call(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
              args: tuple, kwargs: dict) -> Any:  # fmt: skip
-        swap = _reparametrize_module(module, {**params, **buffers}, tie_weights=True, strict=True)
+        values = {**params, **buffers}
+        swap = (
+            slots.swap(values)
+            if slots.fits(values) and not torch.compiler.is_compiling()
+            else _reparametrize_module(module, values, tie_weights=True, strict=True)
+        )
         exits = getattr(_held, "exits", None)
         if exits is None or torch.compiler.is_compiling():
             with swap:  # functional_call's own behaviour

@@ -78,15 +78,19 @@ def mean(
     def init(params: PyTree) -> MeanState:
         return MeanState(accumulator_like(params, override), *scalar_zeros(params, 1, override))
 
-    def update(state: MeanState, grads: PyTree, weight: torch.Tensor) -> MeanState:
+    def update(
+        state: MeanState, grads: PyTree, weight: torch.Tensor, *, donate: bool = False
+    ) -> MeanState:
         check_state(state, MeanState, owner="mean()", role="update")
         weight = weight.to(state.weight_sum.dtype)
-        return MeanState(
-            tree.add_weighted(state.grad_sum, grads, weight), state.weight_sum + weight.sum()
-        )
+        grad_sum = tree.add_weighted(state.grad_sum, grads, weight, donate=donate)
+        return MeanState(grad_sum, state.weight_sum + weight.sum())
 
-    def finalize(state: MeanState) -> tuple[PyTree, MeanStats]:
+    def finalize(state: MeanState, *, donate: bool = False) -> tuple[PyTree, MeanStats]:
         check_state(state, MeanState, owner="mean()", role="finalize")
-        return tree.scale(state.grad_sum, 1 / divisor(state.weight_sum, denominator)), MeanStats()
+        scale = 1 / divisor(state.weight_sum, denominator)
+        return tree.scale(state.grad_sum, scale, donate=donate), MeanStats()
 
-    return Reducer(init, update, typed_merge(MeanState, "mean()"), finalize)
+    # With another accumulation dtype the sum is not the params' own: no autograd summing.
+    linear = override is None
+    return Reducer(init, update, typed_merge(MeanState, "mean()"), finalize, linear=linear)

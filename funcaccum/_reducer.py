@@ -131,6 +131,17 @@ class Reducer(NamedTuple):
             it. None if unsupported.
         batch_control: what :class:`~funcaccum.AdaptiveBatching` reads to
             choose K (:class:`BatchControl`), or None.
+        linear: ``update`` only adds ``weight * grads`` to a sum kept in each
+            param's accumulation dtype (:func:`~funcaccum.mean`): ``k``
+            microbatches of one weight ``w`` then fold as their mean gradient
+            with weight ``k * w``, which lets the sequential strategy sum their
+            gradients through autograd, as ``.grad`` sums them in a
+            hand-written loop.
+
+    ``update`` and ``finalize`` may also take ``donate=True``: the caller gives
+    the state up, and its tensors may be overwritten (the fold does so with a
+    state it made itself, eagerly); a reducer without the keyword is always
+    called without it.
 
     Example:
         The weighted *sum* rather than the mean: :func:`~funcaccum.mean` with
@@ -145,7 +156,8 @@ class Reducer(NamedTuple):
         >>> fa.accumulate(loss_fn, params, batch, reducer=total, num_microbatches=3).grads["w"]
         tensor([6., 6.])
         >>> fa.extend.Reducer._fields
-        ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control')
+        ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control',
+         'linear')
     """
 
     init: Callable[[PyTree], Any]
@@ -155,6 +167,7 @@ class Reducer(NamedTuple):
     carry: CarryRule | None = None
     update_by_norms: Callable[..., Any] | None = None
     batch_control: BatchControl | None = None
+    linear: bool = False
 
 
 class Maximum(NamedTuple):

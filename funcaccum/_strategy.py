@@ -74,25 +74,8 @@ class Scan(NamedTuple):
     """One microbatch at a time: gradient memory independent of ``K``. From :func:`scan`."""
 
     def build(self, folder: Folder) -> GroupRunner:
-        """One gradient per microbatch, folded in order, through :meth:`Folder.loop`."""
-
-        def run(
-            params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
-        ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
-            def body(carry: tuple[FoldState, PyTree], microbatch: PyTree) -> tuple[Any, Any]:
-                state, model_state = carry
-                grads, out = folder.value_and_grad(params, model_state, microbatch, group.size)
-                # Each microbatch sees the model state the one before it left.
-                return (folder.add(state, grads, out), out.model_state), (
-                    out.loss,
-                    out.weight,
-                    out.aux,
-                )
-
-            (state, model_state), ys = folder.loop(body, (state, model_state), group.batch)
-            return state, MicrobatchOutput(*ys), model_state
-
-        return run
+        """One gradient per microbatch, folded in order: :meth:`Folder.fold_in_order`."""
+        return folder.fold_in_order
 
 
 def scan() -> Scan:

@@ -7,9 +7,9 @@ from typing import Any, Literal, NamedTuple
 import optree
 import torch
 
-from . import tree
+from . import _fold, tree
 from ._accumulate import Accumulation, Runner
-from ._compile import Compile, CompileMode, check_compile, compiled
+from ._compile import Compile, CompileMode, check_compile, compiled, traced
 from ._errors import FuncaccumError
 from ._fold import Folded
 from ._folder import LossFn
@@ -239,12 +239,14 @@ class TrainStep:
 
     def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, StepMetrics]:
         """One optimizer step on ``batch``, pure: :meth:`apply` of :meth:`fold`."""
-        return self._apply(state, self._fold(state, batch, None))
+        # The fold is made here and seen by no one else: apply may divide it in place.
+        return self._apply(state, self._fold(state, batch, None), True)
 
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, StepMetrics]:
         """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
-        # Checked eagerly, so a malformed batch gets its plain error even when compiled.
-        self.accumulation.plan(batch)
+        if self.compile == "step":
+            # Checked eagerly first, so a malformed batch gets its plain error, not Dynamo's.
+            self.accumulation.plan(batch)
         state, metrics = self._step(state, batch)
         self.check_skips(state, metrics)
         return state, metrics
@@ -264,8 +266,12 @@ class TrainStep:
     def _fold_plain(self, state: TrainState, batch: PyTree, folded: Folded | None) -> Folded:
         return self._runner.fold(state.params, batch, folded, model_state=state.model_state)
 
-    def _apply_plain(self, state: TrainState, folded: Folded) -> tuple[TrainState, StepMetrics]:
-        result = self.accumulation.finalize(folded.state)
+    def _apply_plain(
+        self, state: TrainState, folded: Folded, owned: bool = False
+    ) -> tuple[TrainState, StepMetrics]:
+        # A fold this step made (eagerly, in step()) is its own: divided in place.
+        donate = owned and not traced()
+        result = _fold.finalize(self.accumulation.reducer, folded.state, donate=donate)
         stats, carry, control = result.stats, state.reducer_carry, Control()
         carry_rule = self.accumulation.reducer.carry
         if carry_rule is not None:
@@ -273,7 +279,6 @@ class TrainStep:
         # Each param's gradient in its accumulation dtype, whatever the reducer summed in.
         grads = optree.tree_map(lambda g, p: g.to(accum_dtype(p.dtype)), result.grads, state.params)
         grad_norm = tree.global_norm(grads)
-        finite = torch.isfinite(result.loss) & torch.isfinite(grad_norm)
         extra = {}
         if self.schedule_clock == "progress":
             extra["schedule_step"] = control.progress
@@ -281,26 +286,48 @@ class TrainStep:
         if control.step_scale is not None:  # a reducer that sets the step size scales the update
             updates = tree.scale(updates, control.step_scale)
         params = apply_updates(state.params, updates)
-        # The guard covers the update too: a NaN learning rate, or an overflow in the update
-        # rule, is skipped like a NaN gradient, so the params stay those of a finite step.
-        finite = finite & torch.isfinite(tree.global_norm(updates))
-        finite = finite & torch.isfinite(tree.global_norm(params))
+        # The guard: a non-finite update (a NaN learning rate, an overflow in the rule) shows
+        # in the new params, so the loss, the gradient's norm and the params' cover it.
+        finite = (
+            torch.isfinite(result.loss)
+            & torch.isfinite(grad_norm)
+            & torch.isfinite(tree.global_norm(params))
+        )
         model_state = folded.model_state if self.accumulation.has_state else state.model_state
         # A non-finite step changes nothing but the skip counts: bit-identical params and state.
-        params, opt_state, carry, model_state = tree.select(
-            finite,
-            (params, opt_state, carry, model_state),
-            (state.params, state.opt_state, state.reducer_carry, state.model_state),
-        )
-        new_state = TrainState(
-            params,
-            opt_state,
-            state.step + finite,
-            state.skipped + ~finite,
-            torch.where(finite, 0, state.consecutive_skips + 1),
-            carry,
-            model_state,
-        )
+        if not traced() and self.max_consecutive_skips is not None:
+            # Eagerly, with the one read per step the skip check makes anyway: keep the new
+            # state or the old one whole, without a select pass over every tensor.
+            if bool(finite):
+                new_state = TrainState(
+                    params,
+                    opt_state,
+                    state.step + 1,
+                    state.skipped,
+                    torch.zeros_like(state.consecutive_skips),
+                    carry,
+                    model_state,
+                )
+            else:
+                new_state = state._replace(
+                    skipped=state.skipped + 1, consecutive_skips=state.consecutive_skips + 1
+                )
+        else:
+            params, opt_state, carry, model_state = tree.select(
+                finite,
+                (params, opt_state, carry, model_state),
+                (state.params, state.opt_state, state.reducer_carry, state.model_state),
+            )
+            new_state = TrainState(
+                params,
+                opt_state,
+                state.step + finite,
+                state.skipped + ~finite,
+                torch.where(finite, 0, state.consecutive_skips + 1),
+                carry,
+                model_state,
+            )
+        opt_state = new_state.opt_state
         metrics = StepMetrics(
             loss=result.loss,
             grad_norm=grad_norm,

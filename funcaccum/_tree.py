@@ -101,12 +101,18 @@ class Leaves:
     Combine with a tensor through the methods (``m.mul(b1)``), not the
     operators: Dynamo sends ``b1 * m`` down its tensor path and cannot trace
     it. Operators between two ``Leaves``, or with a Python number, are fine.
+
+    The result of an operation is *fresh*: new tensors that nothing else
+    holds. The methods ending in ``_`` (``mul_``, ``add_``, ...) overwrite a
+    fresh ``Leaves`` in place, sparing a pass and an allocation, and refuse
+    one that wraps a caller's tensors, so a rule cannot write into its inputs.
     """
 
-    __slots__ = ("tensors",)
+    __slots__ = ("fresh", "tensors")
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(self, tensors: Sequence[torch.Tensor], *, fresh: bool = False) -> None:
         self.tensors = list(tensors)
+        self.fresh = fresh
 
     def _apply(
         self,
@@ -117,8 +123,60 @@ class Leaves:
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
         tensors = [self.tensors, *(t for t in lists if t is not None)]
         if any(torch._C._functorch.is_batchedtensor(x) for xs in tensors for x in xs):
-            return Leaves([single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)])
-        return Leaves(foreach(self.tensors, *_pick(other, lists, None)))
+            out = [single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)]
+            return Leaves(out, fresh=True)
+        return Leaves(foreach(self.tensors, *_pick(other, lists, None)), fresh=True)
+
+    def _apply_(
+        self, foreach: Callable[..., Any], single: Callable[..., Any], *other: Leaves | Scalar
+    ) -> Leaves:
+        """The in-place twin of :meth:`_apply`, on fresh tensors only."""
+        if not self.fresh:
+            raise RuntimeError("an in-place Leaves operation on tensors it does not own")
+        lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
+        tensors = [self.tensors, *(t for t in lists if t is not None)]
+        if any(torch._C._functorch.is_batchedtensor(x) for xs in tensors for x in xs):
+            for i, x in enumerate(self.tensors):
+                single(x, *_pick(other, lists, i))
+        else:
+            foreach(self.tensors, *_pick(other, lists, None))
+        return self
+
+    def add_(self, other: Leaves | Scalar) -> Leaves:
+        """``self += other``, in place (a fresh ``Leaves`` only)."""
+        return self._apply_(torch._foreach_add_, torch.Tensor.add_, other)
+
+    def mul_(self, other: Leaves | Scalar) -> Leaves:
+        """``self *= other``, in place (a fresh ``Leaves`` only)."""
+        return self._apply_(torch._foreach_mul_, torch.Tensor.mul_, other)
+
+    def div_(self, other: Leaves | Scalar) -> Leaves:
+        """``self /= other``, in place (a fresh ``Leaves`` only)."""
+        return self._apply_(torch._foreach_div_, torch.Tensor.div_, other)
+
+    def addmul_(self, other: Leaves, factor: torch.Tensor) -> Leaves:
+        """``self += other * factor`` (a 0-d ``factor``), in place (a fresh ``Leaves`` only)."""
+        n = len(self.tensors)
+        return self._apply_(
+            lambda x, y: torch._foreach_addcmul_(x, y, [factor] * n),
+            lambda x, y: x.addcmul_(y, factor),
+            other,
+        )
+
+    def sign_(self) -> Leaves:
+        """Elementwise sign, in place (a fresh ``Leaves`` only)."""
+        return self._apply_(torch._foreach_sign_, torch.Tensor.sign_)
+
+    def sqrt_(self) -> Leaves:
+        """Elementwise square root, in place (a fresh ``Leaves`` only)."""
+        return self._apply_(torch._foreach_sqrt_, torch.Tensor.sqrt_)
+
+    def lerp(self, end: Leaves, weight: float | torch.Tensor) -> Leaves:
+        """``self + weight * (end - self)``, one op, as ``torch.optim``'s moment updates."""
+        w: Any = weight  # the foreach op takes a 0-d tensor too, which its stubs do not say
+        return self._apply(
+            lambda x, y: torch._foreach_lerp(x, y, w), lambda x, y: torch.lerp(x, y, w), end
+        )
 
     def add(self, other: Leaves | Scalar) -> Leaves:
         """Elementwise ``self + other``."""
@@ -143,8 +201,8 @@ class Leaves:
         n = len(self.tensors)
         if any(torch._C._functorch.is_batchedtensor(x) for x in (*self.tensors, *other.tensors)):
             pairs = zip(self.tensors, other.tensors, strict=True)
-            return Leaves([torch.addcmul(x, y, factor) for x, y in pairs])
-        return Leaves(torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n))
+            return Leaves([torch.addcmul(x, y, factor) for x, y in pairs], fresh=True)
+        return Leaves(torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n), fresh=True)
 
     def __neg__(self) -> Leaves:
         return self._apply(torch._foreach_neg, torch.neg)
@@ -167,7 +225,11 @@ class Leaves:
 
     def to_dtypes_of(self, other: Leaves) -> Leaves:
         """Each tensor cast to the dtype of its counterpart in ``other`` (no copy if equal)."""
-        return Leaves([x.to(y.dtype) for x, y in zip(self.tensors, other.tensors, strict=True)])
+        pairs = zip(self.tensors, other.tensors, strict=True)
+        cast = [x.to(y.dtype) for x, y in pairs]
+        # Fresh only where every tensor was copied; a no-op cast hands back the input.
+        fresh = self.fresh or all(c is not x for c, x in zip(cast, self.tensors, strict=True))
+        return Leaves(cast, fresh=fresh)
 
 
 def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:
@@ -176,11 +238,15 @@ def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:
     return [o if t is None else (t if i is None else t[i]) for o, t in pairs]
 
 
-def foreach_map(fn: Callable[..., Leaves], tree: Tree, *rest: PyTree) -> Tree:
+def foreach_map(
+    fn: Callable[..., Leaves], tree: Tree, *rest: PyTree, donate: bool = False
+) -> Tree:
     """``fn`` applied to the leaves of trees shaped like ``tree``, all leaves at once.
 
     ``fn`` receives one :class:`Leaves` per tree and returns one; write it as
     for single tensors, with methods (``.mul``, ``.add``, ``.sqrt()``, ...).
+    With ``donate`` the caller gives up ``tree``: its leaves come as a fresh
+    ``Leaves``, which ``fn`` may overwrite in place (``.mul_``, ``.add_``, ...).
 
     >>> foreach_map(lambda m, g: m.mul(0.5) + g, {"a": torch.ones(2)}, {"a": torch.ones(2)})
     {'a': tensor([1.5000, 1.5000])}
@@ -189,7 +255,7 @@ def foreach_map(fn: Callable[..., Leaves], tree: Tree, *rest: PyTree) -> Tree:
     if not leaves:
         return tree
     others = [Leaves(treedef.flatten_up_to(other)) for other in rest]
-    return optree.tree_unflatten(treedef, fn(Leaves(leaves), *others).tensors)
+    return optree.tree_unflatten(treedef, fn(Leaves(leaves, fresh=donate), *others).tensors)
 
 
 def leaf_paths(tree: PyTree, root: str) -> list[tuple[str, Any]]:

@@ -73,8 +73,10 @@ def sub(a: Tree, b: Tree) -> Tree:
     return foreach_map(lambda x, y: x - y, a, b)
 
 
-def scale(tree: Tree, factor: float | torch.Tensor) -> Tree:
+def scale(tree: Tree, factor: float | torch.Tensor, *, donate: bool = False) -> Tree:
     """Every leaf multiplied by ``factor`` (a number or a 0-d tensor), in the leaf's dtype.
+
+    With ``donate`` the caller gives ``tree`` up and its tensors are scaled in place.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> t = [torch.randn(4, generator=g, dtype=torch.bfloat16), None]  # (4,) bf16; an absent leaf
@@ -82,6 +84,8 @@ def scale(tree: Tree, factor: float | torch.Tensor) -> Tree:
     >>> half[0].dtype, half[1], torch.equal(half[0], t[0] / 2)
     (torch.bfloat16, None, True)
     """
+    if donate:
+        return foreach_map(lambda x: x.mul_(factor), tree, donate=True)
     return foreach_map(lambda x: x.mul(factor), tree)
 
 
@@ -183,11 +187,13 @@ def weighted_sum(tree: Tree, weights: torch.Tensor, *, dtype: torch.dtype | None
     return optree.tree_map(weighted, tree)
 
 
-def add_weighted(acc: Tree, tree: PyTree, weights: torch.Tensor) -> Tree:
+def add_weighted(acc: Tree, tree: PyTree, weights: torch.Tensor, *, donate: bool = False) -> Tree:
     """``acc + sum_i weights[i] * tree[i]``, in ``acc``'s dtypes, for accumulators.
 
     A 0-d ``weights`` adds one tree scaled by it; a ``(k,)`` ``weights`` adds
     the weighted sum of a stacked chunk whose leaves are shaped ``(k, ...)``.
+    With ``donate`` the caller gives ``acc`` up: the sum is written into its
+    tensors, sparing a new accumulator per call.
 
     >>> g = torch.Generator().manual_seed(0)
     >>> acc = {"w": torch.zeros(3, dtype=torch.float64)}              # (3,) float64
@@ -199,10 +205,17 @@ def add_weighted(acc: Tree, tree: PyTree, weights: torch.Tensor) -> Tree:
     """
     if weights.ndim == 0:
         # One fused op per leaf: the fold runs it for every microbatch.
+        if donate:
+            return foreach_map(
+                lambda a, x: a.addmul_(x.to_dtypes_of(a), weights), acc, tree, donate=True
+            )
         return foreach_map(lambda a, x: a.addmul(x.to_dtypes_of(a), weights), acc, tree)
-    return optree.tree_map(
-        lambda a, x: a + torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1), acc, tree
-    )
+
+    def chunk(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        total = torch.tensordot(weights.to(a.dtype), x.to(a.dtype), dims=1)
+        return a.add_(total) if donate else a + total
+
+    return optree.tree_map(chunk, acc, tree)
 
 
 def lerp(start: Tree, end: Tree, weight: float | torch.Tensor) -> Tree:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import classification_batch, mlp_loss, mlp_params
 
 import funcaccum as fa
 from funcaccum import _compile
-from funcaccum.testing import assert_trees_allclose
+from funcaccum.testing import assert_trees_allclose, assert_trees_equal
 
 STRATEGIES = [
     pytest.param({"strategy": "vmap"}, id="vmap"),
@@ -201,3 +206,31 @@ def test_traced_is_true_inside_torch_compile() -> None:
     x = torch.zeros(2)
     assert torch.equal(probe(x), x - 1)
     assert torch.equal(torch.compile(probe, fullgraph=True, backend="eager")(x), x + 1)
+
+
+@pytest.mark.compile
+@pytest.mark.subprocess
+def test_compiled_training_repeats_bit_for_bit_in_fresh_processes_and_on_resume(
+    tmp_path: Path,
+) -> None:
+    """compile=True on the CPU: two fresh processes, and a resume, give the same bits.
+
+    The first process compiles into an empty cache and the second finds its
+    graphs there, as a new machine and a restarted job do.
+    """
+    worker = Path(__file__).resolve().parent / "_compiled_worker.py"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    for phase in ("first", "second"):
+        done = subprocess.run(
+            [sys.executable, str(worker), phase, str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env=env,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted = fa.load(tmp_path / "uninterrupted.pt", restore_rng=False).state
+    for other in ("again", "resumed"):
+        repeated = fa.load(tmp_path / f"{other}.pt", restore_rng=False).state
+        assert_trees_equal(repeated, uninterrupted)

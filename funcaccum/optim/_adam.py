@@ -70,14 +70,18 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
     ) -> tuple[PyTree, ScaleByAdamState]:
         h = state.hyperparams
         count = state.count + 1
-        mu = foreach_map(lambda m, g: m.mul(h["b1"]).add(g.mul(1 - h["b1"])), state.mu, updates)
+        # As torch.optim.Adam's foreach kernels compute it; each first op makes the new
+        # tensors, and the rest write into them (the old moments are never written).
+        mu = foreach_map(lambda m, g: m.lerp(g.to_dtypes_of(m), 1 - h["b1"]), state.mu, updates)
         nu = foreach_map(
-            lambda v, g: v.mul(h["b2"]).add((g * g).mul(1 - h["b2"])), state.nu, updates
+            lambda v, g: g.mul(1 - h["b2"]).mul_(g).to_dtypes_of(v).addmul_(v, h["b2"]),
+            state.nu,
+            updates,
         )
         correction1 = 1 - h["b1"] ** count
         root_correction2 = torch.sqrt(1 - h["b2"] ** count)
         updates = foreach_map(
-            lambda m, v: m.div(v.sqrt().div(root_correction2).add(h["eps"])).div(correction1),
+            lambda m, v: m.div(v.sqrt().div_(root_correction2).add_(h["eps"])).div_(correction1),
             mu,
             nu,
         )

@@ -59,10 +59,9 @@ def scale_by_lion(b1: float = 0.9, b2: float = 0.99) -> GradientTransformation:
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByLionState]:
         h = state.hyperparams
-        direction = foreach_map(
-            lambda m, g: m.mul(h["b1"]).add(g.mul(1 - h["b1"])).sign(), state.mu, updates
-        )
-        mu = foreach_map(lambda m, g: m.mul(h["b2"]).add(g.mul(1 - h["b2"])), state.mu, updates)
+        # As torch's Lion: interpolate, take the sign; the new tensors are written in place.
+        direction = foreach_map(lambda m, g: m.lerp(g, 1 - h["b1"]).sign_(), state.mu, updates)
+        mu = foreach_map(lambda m, g: m.lerp(g, 1 - h["b2"]), state.mu, updates)
         return direction, ScaleByLionState(mu, h)
 
     return GradientTransformation(init, update)

@@ -60,9 +60,9 @@ def trace(momentum: float, *, nesterov: bool = False) -> GradientTransformation:
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, TraceState]:
         decay = state.hyperparams["momentum"]
-        new_trace = foreach_map(lambda t, g: t.mul(decay) + g, state.trace, updates)
+        new_trace = foreach_map(lambda t, g: t.mul(decay).add_(g), state.trace, updates)
         if nesterov:
-            updates = foreach_map(lambda g, t: g + t.mul(decay), updates, new_trace)
+            updates = foreach_map(lambda g, t: g.addmul(t, decay), updates, new_trace)
         else:
             updates = new_trace
         return updates, TraceState(new_trace, state.hyperparams)

@@ -61,7 +61,7 @@ def add_decayed_weights(weight_decay: float, *, mask: Mask | None = None) -> Gra
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, AddDecayedWeightsState]:
         decay = state.hyperparams["weight_decay"]
-        updates = foreach_map(lambda u, p: u + p.to_dtypes_of(u).mul(decay), updates, params)
+        updates = foreach_map(lambda u, p: u.addmul(p.to_dtypes_of(u), decay), updates, params)
         return updates, state
 
     return GradientTransformation(init, update)
