@@ -11,7 +11,9 @@ the warm start), each side building the same model, data and AdamW:
 - ``jax``: ``jax.jit`` of a ``lax.scan`` over the microbatches and
   ``optax.adamw`` (skipped when jax is not installed);
 - ``fa_scan``, ``fa_vmap``, ``fa_chunked``: ``funcaccum.train_step`` with
-  each strategy, ``compile=True``; ``fa_scan_eager`` etc.: ``compile=False``.
+  each strategy, ``compile=True``; ``fa_regions``: ``scan()`` with
+  ``compile="regions"`` (each block compiled once, reused by the others);
+  ``fa_scan_eager`` etc.: ``compile=False``.
 
 Mixed precision: bf16 compute with float32 master weights (autocast for the
 torch sides, ``compute_dtype`` for funcaccum, params cast inside the loss for
@@ -63,10 +65,11 @@ SIDES = [
     "fa_scan",
     "fa_vmap",
     "fa_chunked",
+    "fa_regions",
     "fa_scan_eager",
     "fa_vmap_eager",
 ]
-COMPILED = {"batch", "loop_compiled", "jax", "fa_scan", "fa_vmap", "fa_chunked"}
+COMPILED = {"batch", "loop_compiled", "jax", "fa_scan", "fa_vmap", "fa_chunked", "fa_regions"}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16
 
 Step = Callable[[], None]
@@ -131,7 +134,8 @@ def torch_side(config: dict[str, Any], side: str) -> Step:
     x, y = (t.to(device) for t in make_data(config))
 
     if side.startswith("fa_"):
-        strategy = side.split("_")[1]
+        strategy = "scan" if side == "fa_regions" else side.split("_")[1]
+        compile_as = "regions" if side == "fa_regions" else not side.endswith("_eager")
         apply, params, buffers = fa.functional_model(model)
 
         def loss_fn(params: dict[str, torch.Tensor], batch: tuple) -> torch.Tensor:
@@ -142,7 +146,7 @@ def torch_side(config: dict[str, Any], side: str) -> Step:
             loss_fn,
             optimizer=fa.optim.adamw(LEARNING_RATE, weight_decay=WEIGHT_DECAY),
             compute_dtype=torch.bfloat16 if bf16 else None,
-            compile=not side.endswith("_eager"),
+            compile=compile_as,
             accumulation=fa.Accumulation(
                 num_microbatches=k, strategy=fa.chunked(2) if strategy == "chunked" else strategy
             ),

@@ -18,7 +18,7 @@ from ._reducer import (
     scalar_zeros,
     typed_merge,
 )
-from ._tree import PyTree, accumulator_like, unit_squared_norms
+from ._tree import PyTree, accumulator_like, leaf_norms, unit_squared_norms
 from ._validate import check_dtype, check_int, check_real, check_state
 
 __all__ = [
@@ -311,6 +311,19 @@ def adaptive(
         state: AdaptiveState, grads: PyTree, weight: torch.Tensor, *, donate: bool = False
     ) -> AdaptiveState:
         check_state(state, AdaptiveState, owner="adaptive()", role="update")
+        if weight.ndim == 0:
+            # One microbatch: every leaf's norm in one foreach op, each element squared and
+            # summed in the statistics' dtype, whatever K or the number of leaves.
+            weight = weight.to(scalars)
+            leaves, treedef = optree.tree_flatten(state.square_sum)
+            norms = leaf_norms(treedef.flatten_up_to(grads), scalars)
+            squares = torch.stack(leaves) + weight * torch.stack(norms).square()
+            return AdaptiveState(
+                tree.add_weighted(state.grad_sum, grads, weight, donate=donate),
+                optree.tree_unflatten(treedef, list(squares.unbind())),
+                state.weight_sum + weight,
+                state.unit_count + (weight > 0),
+            )
         units, weights = as_units(grads, weight)
         weights = weights.to(scalars)
 
@@ -318,7 +331,7 @@ def adaptive(
             return total + torch.dot(weights, unit_squared_norms(g, sum_dtype=scalars))
 
         return AdaptiveState(
-            tree.add_weighted(state.grad_sum, grads, weight.to(scalars), donate=donate),
+            tree.add_weighted(state.grad_sum, grads, weights, donate=donate),
             optree.tree_map(weighted_squares, state.square_sum, units),
             state.weight_sum + weights.sum(),
             state.unit_count + (weights > 0).sum(),

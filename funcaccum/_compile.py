@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from typing import Literal, TypeVar
 
@@ -14,12 +15,17 @@ __all__ = [
     "Compile",
     "CompileMode",
     "check_compile",
+    "compile_regions",
     "compiled",
     "deterministic_on_cpu",
+    "regions_wanted",
     "traced",
 ]
 
-CompileMode = Literal["loss", "loss+update", "step"]
+# Set while a step that compiles regions runs its loss: functional_model's apply reads it.
+_regions = threading.local()
+
+CompileMode = Literal["loss", "loss+update", "step", "regions"]
 """What a step compiles, each piece one ``fullgraph`` graph with static shapes:
 
 - ``"loss"``: each microbatch's forward and backward (the vmapped chunk under
@@ -30,12 +36,17 @@ CompileMode = Literal["loss", "loss+update", "step"]
   (finalize, norm, update rule, guard), each one graph.
 - ``"step"``: the whole step, one graph, the microbatch loop traced once as a
   ``scan``: the fastest step on small models, the slowest to compile.
+- ``"regions"``: the repeated blocks of every module the loss runs through
+  :func:`~funcaccum.functional_model` (the children of an ``nn.ModuleList``
+  that share a class, such as a transformer's layers), each block's graph
+  compiled once and reused by its siblings, forward and backward; the rest
+  runs eagerly. Compile time stays flat as the model deepens.
 """
 
 Compile = bool | CompileMode
 """``False`` (eager), ``True`` (the same as ``"loss"``), or a :data:`CompileMode`."""
 
-_MODES: tuple[CompileMode, ...] = ("loss", "loss+update", "step")
+_MODES: tuple[CompileMode, ...] = ("loss", "loss+update", "step", "regions")
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -51,6 +62,30 @@ def check_compile(compile: object) -> CompileMode | None:
     raise FuncaccumError(
         f"compile must be False, True (= 'loss') or one of {_MODES}, got {compile!r}"
     )
+
+
+class compile_regions:  # noqa: N801  (a context manager, named as one is used)
+    """Inside, a module run by ``functional_model``'s ``apply`` runs its repeated blocks compiled.
+
+    ``compile="regions"`` enters it around each microbatch's forward and
+    backward, so the blocks of every ``functional_model`` the loss calls are
+    compiled once (a block's graph is reused by its siblings) and the rest of
+    the loss runs eagerly: compile time flat in depth.
+    """
+
+    __slots__ = ("before",)
+
+    def __enter__(self) -> None:
+        self.before = getattr(_regions, "on", False)
+        _regions.on = True
+
+    def __exit__(self, *exc: object) -> None:
+        _regions.on = self.before
+
+
+def regions_wanted() -> bool:
+    """Whether the caller runs inside :class:`compile_regions` (and eagerly)."""
+    return getattr(_regions, "on", False) and not torch.compiler.is_compiling()
 
 
 def traced() -> bool:

@@ -19,7 +19,7 @@ from torch._higher_order_ops.scan import scan as _scan_op
 from torch.func import grad_and_value
 
 from . import _fold
-from ._compile import CompileMode, compiled, deterministic_on_cpu, traced
+from ._compile import CompileMode, compile_regions, compiled, deterministic_on_cpu, traced
 from ._errors import FuncaccumError
 from ._fold import FoldState, LossSpec, MicrobatchOutput
 from ._functional import hold_parametrizations
@@ -93,10 +93,15 @@ class Folder:
         self.reducer = reducer
         self.spec = spec
         self._compile_loss = compile in ("loss", "loss+update")
+        # The loss's own regions compiled (compile="regions"), or the whole loss: run exactly.
+        self._regions = compile == "regions"
+        self._exact = self._compile_loss or self._regions
         self._compile_add = compile == "loss+update"
         self._by_func = _func_value_and_grad(self._forward)
         self._forward_eagerly = compiled(self._forward, self._compile_loss)
-        self._by_autograd = _autograd_value_and_grad(self._forward_eagerly, self._compile_loss)
+        self._by_autograd = _autograd_value_and_grad(
+            self._forward_eagerly, self._exact, self._regions
+        )
         self._add = compiled(self._add_plain, self._compile_add)
         # The state this folder made last, eagerly: nobody else holds it, so adding to it
         # may write into its tensors (see `own`).
@@ -191,7 +196,8 @@ class Folder:
             with (
                 torch.enable_grad(),
                 hold_parametrizations(),
-                _exactly(self._compile_loss, inputs),
+                _exactly(self._exact, inputs),
+                _regions_if(self._regions),
             ):
                 loss, out = self._forward_eagerly(fresh, model_state, microbatch, group.size)
                 if not loss.requires_grad:
@@ -345,6 +351,11 @@ def _exactly(
     return deterministic_on_cpu((inputs,)) if compiled_loss else contextlib.nullcontext()
 
 
+def _regions_if(regions: bool) -> compile_regions | contextlib.nullcontext[None]:
+    """Around the forward and backward of a step that compiles the loss's regions."""
+    return compile_regions() if regions else contextlib.nullcontext()
+
+
 def _vmap_error(error: RuntimeError) -> FuncaccumError:
     """What a failure inside vmap means for the user, and what to do."""
     if "randomness" in str(error):
@@ -363,7 +374,7 @@ def _vmap_error(error: RuntimeError) -> FuncaccumError:
 
 
 def _autograd_value_and_grad(
-    forward: Callable[..., tuple[torch.Tensor, MicrobatchOutput]], compiled_loss: bool
+    forward: Callable[..., tuple[torch.Tensor, MicrobatchOutput]], exact: bool, regions: bool
 ) -> ValueAndGrad:
     """One microbatch's gradient by plain autograd, on fresh leaves that alias the params.
 
@@ -383,7 +394,12 @@ def _autograd_value_and_grad(
         leaves, treedef = optree.tree_flatten(params)
         inputs = [leaf.detach().requires_grad_() for leaf in leaves]
         # The backward runs with the forward's params in place (checkpointing recomputes).
-        with torch.enable_grad(), hold_parametrizations(), _exactly(compiled_loss, inputs):
+        with (
+            torch.enable_grad(),
+            hold_parametrizations(),
+            _exactly(exact, inputs),
+            _regions_if(regions),
+        ):
             loss, output = forward(
                 optree.tree_unflatten(treedef, inputs), model_state, microbatch, size
             )

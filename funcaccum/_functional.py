@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from ._compile import regions_wanted
 from ._errors import FuncaccumError
 from ._validate import describe
 
@@ -86,6 +88,69 @@ class _Slots:
         finally:
             for store, attr, original in reversed(saved):
                 store[attr] = original
+
+
+class _Regions:
+    """A module's repeated blocks, compiled once each when a step asks (``compile="regions"``).
+
+    A block is a child of an ``nn.ModuleList`` that shares its class with a
+    sibling (a transformer's layers). Each block gets its own compiled call,
+    made at first use, but they share one traced graph: Dynamo guards a block
+    by the layout of its tensors, not their identity, so the siblings and the
+    tensors swapped in at every call reuse it. The module itself is not
+    changed outside a call: the compiled calls are engaged (as
+    ``nn.Module.compile`` engages one) while the call runs, and taken off after.
+
+    A region is compiled through its own attributes, not through
+    ``torch.compiler.nested_compile_region``: that reuses the first block's
+    traced subgraph with the first block's tensors for every sibling when the
+    tensors were swapped in (``functional_call``), a silently wrong result
+    (docs/concepts.md, "Compiling", has the reproduction).
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.blocks: list[nn.Module] = []
+        for sub in module.modules():
+            if isinstance(sub, nn.ModuleList):
+                kinds = [type(child) for child in sub]
+                self.blocks += [child for child in sub if kinds.count(type(child)) > 1]
+        self.calls: dict[int, Callable[..., Any]] = {}
+
+    @contextlib.contextmanager
+    def engaged(self) -> Iterator[None]:
+        if not self.blocks or not regions_wanted():
+            yield
+            return
+        for block in self.blocks:
+            call = self.calls.get(id(block))
+            if call is None:
+                call = _quietly(torch.compile(block._call_impl, fullgraph=True, dynamic=False))
+                self.calls[id(block)] = call
+            block._compiled_call_impl = call
+        try:
+            yield
+        finally:
+            for block in self.blocks:
+                block._compiled_call_impl = None
+
+
+def _quietly(compiled_call: Callable[..., Any]) -> Callable[..., Any]:
+    """A compiled block's call without the warning Dynamo raises reading its input's ``.grad``.
+
+    A block after the first takes a non-leaf input; tracing it, Dynamo (torch
+    2.13) reads the input's ``.grad`` and torch warns that a non-leaf's
+    ``.grad`` is never filled, which is true and concerns nothing funcaccum does.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD, category=UserWarning)
+            return compiled_call(*args, **kwargs)
+
+    return call
+
+
+_NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
 
 
 def _batch_norms_in_training(module: nn.Module) -> list[str]:
@@ -186,7 +251,7 @@ def functional_model(
     state_names = set(buffers)
     buffers |= {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
 
-    slots = _Slots(module)
+    slots, regions = _Slots(module), _Regions(module)
 
     def call(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
              args: tuple, kwargs: dict) -> Any:  # fmt: skip
@@ -198,11 +263,12 @@ def functional_model(
         )
         exits = getattr(_held, "exits", None)
         if exits is None or torch.compiler.is_compiling():
-            with swap:  # functional_call's own behaviour
+            with swap, regions.engaged():  # functional_call's own behaviour
                 return module(*args, **kwargs)
         swap.__enter__()
         exits.append(lambda: swap.__exit__(None, None, None))
-        return module(*args, **kwargs)
+        with regions.engaged():
+            return module(*args, **kwargs)
 
     if not has_state:
 

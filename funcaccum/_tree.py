@@ -18,6 +18,7 @@ __all__ = [
     "accum_dtype",
     "accumulator_like",
     "foreach_map",
+    "leaf_norms",
     "leaf_paths",
     "sum_over_leaves",
     "tree_device",
@@ -76,6 +77,13 @@ def unit_squared_norms(
         for g in optree.tree_leaves(grads)
     ]
     return sum_over_leaves(squares)
+
+
+def leaf_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each tensor's L2 norm, computed in ``dtype``: one foreach op, or per tensor under vmap."""
+    if any(torch._C._functorch.is_batchedtensor(x) for x in tensors):  # no foreach rule
+        return [torch.linalg.vector_norm(x, dtype=dtype) for x in tensors]
+    return list(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
 def tree_device(tree: PyTree) -> torch.device | None:

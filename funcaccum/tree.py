@@ -33,7 +33,7 @@ import functools
 import optree
 import torch
 
-from ._tree import PyTree, Tree, accum_dtype, foreach_map, sum_over_leaves
+from ._tree import PyTree, Tree, accum_dtype, foreach_map, leaf_norms, sum_over_leaves
 
 __all__ = [
     "add",
@@ -141,8 +141,6 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     torch.float32
     """
     leaves = optree.tree_leaves(tree)
-    if any(torch._C._functorch.is_batchedtensor(x) for x in leaves):  # no foreach under vmap
-        return torch.sqrt(vdot(tree, tree))
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for leaf in leaves:
         by_dtype.setdefault(accum_dtype(leaf.dtype), []).append(leaf)
@@ -150,11 +148,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
         return torch.zeros(())
     dtype = functools.reduce(torch.promote_types, by_dtype)
     # One foreach norm per dtype (each leaf reduced in at least float32), then the norm of norms.
-    norms = [
-        norm.to(dtype)
-        for acc, leaves in by_dtype.items()
-        for norm in torch._foreach_norm(leaves, 2, dtype=acc)
-    ]
+    norms = [norm.to(dtype) for acc, leaves in by_dtype.items() for norm in leaf_norms(leaves, acc)]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -205,10 +199,8 @@ def add_weighted(acc: Tree, tree: PyTree, weights: torch.Tensor, *, donate: bool
     """
     if weights.ndim == 0:
         # One fused op per leaf: the fold runs it for every microbatch.
-        if donate:
-            return foreach_map(
-                lambda a, x: a.addmul_(x.to_dtypes_of(a), weights), acc, tree, donate=True
-            )
+        if donate:  # the foreach op sums a narrower tensor into a wider one without a copy
+            return foreach_map(lambda a, x: a.addmul_(x, weights), acc, tree, donate=True)
         return foreach_map(lambda a, x: a.addmul(x.to_dtypes_of(a), weights), acc, tree)
 
     def chunk(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -234,3 +234,57 @@ def test_compiled_training_repeats_bit_for_bit_in_fresh_processes_and_on_resume(
     for other in ("again", "resumed"):
         repeated = fa.load(tmp_path / f"{other}.pt", restore_rng=False).state
         assert_trees_equal(repeated, uninterrupted)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm, self.linear = torch.nn.LayerNorm(d), torch.nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(self.linear(self.norm(x)))
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self, d: int = 8, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(d) for _ in range(depth))
+        self.head = torch.nn.Linear(d, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).squeeze(-1)
+
+
+@pytest.mark.compile
+def test_compile_regions_compiles_a_block_once_for_all_its_siblings() -> None:
+    """compile="regions": blocks share a graph, steps match eager, the module stays as it was."""
+    torch.manual_seed(0)
+    model = _Stack()
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        return ((apply(params, buffers, batch[0]) - batch[1]) ** 2).mean()
+
+    def make(compile: object) -> fa.TrainStep:
+        return fa.train_step(
+            loss_fn,
+            optimizer=fa.optim.adamw(1e-2),
+            accumulation=fa.Accumulation(num_microbatches=4),
+            compile=compile,
+        )
+
+    eager, regions = make(False), make("regions")
+    a, b = eager.init(params), regions.init(params)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for i in range(3):
+        batch = (torch.randn(32, 8, generator=torch.Generator().manual_seed(i)), torch.randn(32))
+        a, _ = eager(a, batch)
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            b, _ = regions(b, batch)
+    # Four blocks, one traced block graph (a second for the first block, whose input needs
+    # no gradient); no more for later steps, whose tensors are new.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs <= 2
+    assert_trees_allclose(b.params, a.params, rtol=1e-5, atol=1e-6)
+    assert all(block._compiled_call_impl is None for block in model.blocks)
