@@ -14,6 +14,7 @@ from ._reducer import (
     CarryRule,
     Control,
     Reducer,
+    SumFold,
     as_units,
     scalar_zeros,
     typed_merge,
@@ -337,6 +338,27 @@ def adaptive(
             state.unit_count + (weights > 0).sum(),
         )
 
+    def update_by_sum(
+        state: AdaptiveState,
+        grad_sum: PyTree,
+        weight: torch.Tensor,
+        count: int,
+        squares: torch.Tensor,
+        *,
+        donate: bool = False,
+    ) -> AdaptiveState:
+        """``count`` microbatches of one ``weight``: their gradients' sum and squared norms."""
+        check_state(state, AdaptiveState, owner="adaptive()", role="update")
+        weight = weight.to(scalars)
+        leaves, treedef = optree.tree_flatten(state.square_sum)
+        totals = torch.stack(leaves) + weight * squares.to(scalars).sum(0)
+        return AdaptiveState(
+            tree.add_weighted(state.grad_sum, grad_sum, weight, donate=donate),
+            optree.tree_unflatten(treedef, list(totals.unbind())),
+            state.weight_sum + weight * count,
+            state.unit_count + (weight > 0) * count,
+        )
+
     def passes(n: torch.Tensor, trace: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
         """The exact norm test, ``n theta^2 G2 >= T``."""
         return n * theta**2 * grad_sq >= trace
@@ -388,6 +410,7 @@ def adaptive(
         update,
         merge,
         finalize,
+        by_sum=SumFold(update_by_sum, accum_dtype, wants_squares=True),
         carry=CarryRule(init_carry, update_carry),
         batch_control=BatchControl(k_min, k_max, ready, lambda carry: carry.suggested_k),
     )

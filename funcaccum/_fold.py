@@ -31,7 +31,7 @@ __all__ = [
     "MicrobatchOutput",
     "add",
     "add_by_norms",
-    "add_mean",
+    "add_sum",
     "finalize",
     "init",
     "merge",
@@ -166,28 +166,33 @@ def add(
     )
 
 
-def add_mean(
+def add_sum(
     reducer: Reducer,
     state: FoldState,
-    mean_grads: PyTree,
+    grad_sum: PyTree,
     losses: torch.Tensor,
     weight: torch.Tensor,
+    squares: torch.Tensor | None = None,
     *,
     donate: bool = False,
 ) -> FoldState:
-    """Fold ``k`` microbatches of one ``weight`` by their mean gradient, for a linear reducer.
+    """Fold ``k`` microbatches of one ``weight`` by their gradients' sum (``reducer.by_sum``).
 
-    Equal to :func:`add` on each microbatch (up to rounding) for a reducer
-    with ``linear=True``: its sum gains ``k * weight`` times the mean
-    gradient. ``losses`` holds each microbatch's mean loss, ``(k,)``.
+    Equal to :func:`add` on each microbatch, up to rounding. ``losses`` holds
+    each microbatch's mean loss, ``(k,)``; ``squares`` each one's squared
+    norm per param leaf, ``(k, leaves)``, for a reducer that reads them.
     """
+    if reducer.by_sum is None:
+        raise FuncaccumError("add_sum needs a reducer that folds by sums (Reducer.by_sum)")
     weight = weight.to(state.weight_sum.dtype)
     count = losses.numel()
-    total = weight * count
+    reducer_state = _call(
+        reducer.by_sum.update, donate, state.reducer, grad_sum, weight, count, squares
+    )
     return FoldState(
-        _call(reducer.update, donate, state.reducer, mean_grads, total),
+        reducer_state,
         state.loss_sum + weight * losses.to(weight.dtype).sum(),
-        state.weight_sum + total,
+        state.weight_sum + weight * count,
         state.microbatches + count,
     )
 

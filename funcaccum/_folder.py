@@ -25,7 +25,7 @@ from ._fold import FoldState, LossSpec, MicrobatchOutput
 from ._functional import hold_parametrizations
 from ._microbatch import MicrobatchGroup, to_layout
 from ._reducer import Reducer
-from ._tree import PyTree
+from ._tree import PyTree, accum_dtype
 
 __all__ = ["Folder", "LossFn", "Randomness", "check_randomness", "stack"]
 
@@ -37,8 +37,7 @@ Randomness = Literal["error", "different", "same"]
 _RANDOMNESS = ("error", "different", "same")
 
 ValueAndGrad = Callable[[PyTree, PyTree, PyTree, int], tuple[PyTree, MicrobatchOutput]]
-# Params whose accumulation dtype is their own (at least float32): autograd may sum for them.
-_OWN_ACCUMULATION = (torch.float32, torch.float64)
+
 Carry = TypeVar("Carry")
 
 _DETACHED = (
@@ -159,10 +158,12 @@ class Folder:
 
         Each microbatch sees the model state the one before it left. It is
         :meth:`loop` over :meth:`value_and_grad` and :meth:`add`, except
-        eagerly with a linear reducer (:func:`~funcaccum.mean`), microbatches
-        of one weight (no ``has_weight``) and float32 or float64 params: then
+        eagerly with a reducer that folds by sums (``Reducer.by_sum``:
+        :func:`~funcaccum.mean`, :func:`~funcaccum.adaptive` in the params'
+        dtype) and microbatches of one weight (no ``has_weight``): then
         autograd sums the group's gradients into buffers this fold owns, as
-        ``.grad`` sums them in a hand-written loop, and the sum is folded
+        ``.grad`` sums them in a hand-written loop (hooks take each one's
+        squared norms where the reducer reads them), and the sum is folded
         once. Returns the state, the stacked outputs and the model state.
         """
         if self._sums_by_autograd(params):
@@ -178,9 +179,12 @@ class Folder:
         return state, MicrobatchOutput(*ys), model_state
 
     def _sums_by_autograd(self, params: PyTree) -> bool:
-        if not self.reducer.linear or self.spec.has_weight or self._compile_add or traced():
+        by_sum = self.reducer.by_sum
+        if by_sum is None or self.spec.has_weight or self._compile_add or traced():
             return False
-        return all(p.dtype in _OWN_ACCUMULATION for p in optree.tree_leaves(params))
+        # Autograd sums in each param's dtype: only where the reducer would sum in it too.
+        leaves = optree.tree_leaves(params)
+        return all(accum_dtype(p.dtype, by_sum.dtype) == p.dtype for p in leaves)
 
     def _fold_summed_by_autograd(
         self, params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
@@ -190,7 +194,17 @@ class Folder:
         inputs = [leaf.detach().requires_grad_() for leaf in leaves]
         fresh = optree.tree_unflatten(treedef, inputs)
         losses, weights, auxes = [], [], []
+        by_sum = self.reducer.by_sum
+        assert by_sum is not None  # _sums_by_autograd checked
+        squares: list[list[torch.Tensor]] = []  # per microbatch, per leaf, where wanted
+        handles = (
+            [x.register_hook(_squares_hook(squares, i)) for i, x in enumerate(inputs)]
+            if by_sum.wants_squares
+            else []
+        )
         for i in range(group.count):
+            if by_sum.wants_squares:
+                squares.append([torch.zeros((), dtype=x.dtype, device=x.device) for x in inputs])
             microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
             # The backward runs with the forward's params in place (checkpointing recomputes).
             with (
@@ -207,16 +221,18 @@ class Folder:
             weights.append(out.weight)
             auxes.append(out.aux)
             model_state = out.model_state
+        for handle in handles:
+            handle.remove()
         sums = [x.grad if x.grad is not None else torch.zeros_like(x) for x in inputs]
-        torch._foreach_div_(sums, float(group.count))  # the group's mean gradient, in place
         outputs = MicrobatchOutput(torch.stack(losses), torch.stack(weights), stack(auxes))
         owned = state is self._owned
-        state = _fold.add_mean(
+        state = _fold.add_sum(
             self.reducer,
             state,
             optree.tree_unflatten(treedef, sums),
             outputs.loss,
             weights[0],
+            torch.stack([torch.stack(row) for row in squares]) if squares else None,
             donate=owned,
         )
         if owned:
@@ -354,6 +370,17 @@ def _exactly(
 def _regions_if(regions: bool) -> compile_regions | contextlib.nullcontext[None]:
     """Around the forward and backward of a step that compiles the loss's regions."""
     return compile_regions() if regions else contextlib.nullcontext()
+
+
+def _squares_hook(
+    squares: list[list[torch.Tensor]], leaf: int
+) -> Callable[[torch.Tensor], None]:
+    """A gradient hook: the squared norm of one leaf's gradient, in the microbatch's row."""
+
+    def record(grad: torch.Tensor) -> None:
+        squares[-1][leaf] = torch.linalg.vector_norm(grad).square()
+
+    return record
 
 
 def _vmap_error(error: RuntimeError) -> FuncaccumError:

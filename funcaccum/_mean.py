@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -10,6 +10,7 @@ from . import tree
 from ._reducer import (
     Denominator,
     Reducer,
+    SumFold,
     check_denominator,
     divisor,
     scalar_zeros,
@@ -91,6 +92,22 @@ def mean(
         scale = 1 / divisor(state.weight_sum, denominator)
         return tree.scale(state.grad_sum, scale, donate=donate), MeanStats()
 
-    # With another accumulation dtype the sum is not the params' own: no autograd summing.
-    linear = override is None
-    return Reducer(init, update, typed_merge(MeanState, "mean()"), finalize, linear=linear)
+    def update_by_sum(
+        state: MeanState,
+        grad_sum: PyTree,
+        weight: torch.Tensor,
+        count: int,
+        squares: Any,
+        *,
+        donate: bool = False,
+    ) -> MeanState:
+        check_state(state, MeanState, owner="mean()", role="update")
+        weight = weight.to(state.weight_sum.dtype)
+        return MeanState(
+            tree.add_weighted(state.grad_sum, grad_sum, weight, donate=donate),
+            state.weight_sum + weight * count,
+        )
+
+    by_sum = SumFold(update_by_sum, override)
+    merge = typed_merge(MeanState, "mean()")
+    return Reducer(init, update, merge, finalize, by_sum=by_sum)

@@ -16,6 +16,7 @@ from ._validate import check_state
 
 __all__ = [
     "BatchControl",
+    "SumFold",
     "CarryRule",
     "Control",
     "Denominator",
@@ -100,6 +101,27 @@ class BatchControl(NamedTuple):
     suggested_k: Callable[[Any], torch.Tensor]
 
 
+class SumFold(NamedTuple):
+    """How a reducer folds ``k`` microbatches of one weight from their gradients' sum.
+
+    Attributes:
+        update: ``update(state, grad_sum, weight, count, squares, *,
+            donate=False) -> state``: ``grad_sum`` is ``sum_i g_i`` over
+            ``count`` microbatches, each of weight ``weight`` (0-d), in each
+            param's dtype; ``squares`` is ``(count, leaves)``, each
+            microbatch's squared norm per param leaf, when ``wants_squares``,
+            else None; ``donate`` as for ``update``.
+        dtype: the dtype the reducer sums in (None: each param's
+            accumulation dtype): the sum is taken by autograd only where this
+            is the params' own dtype, so it loses nothing against ``update``.
+        wants_squares: whether ``update`` reads each microbatch's squared norms.
+    """
+
+    update: Callable[..., Any]
+    dtype: torch.dtype | None = None
+    wants_squares: bool = False
+
+
 class Reducer(NamedTuple):
     """How per-microbatch gradients fold into one gradient.
 
@@ -131,12 +153,10 @@ class Reducer(NamedTuple):
             it. None if unsupported.
         batch_control: what :class:`~funcaccum.AdaptiveBatching` reads to
             choose K (:class:`BatchControl`), or None.
-        linear: ``update`` only adds ``weight * grads`` to a sum kept in each
-            param's accumulation dtype (:func:`~funcaccum.mean`): ``k``
-            microbatches of one weight ``w`` then fold as their mean gradient
-            with weight ``k * w``, which lets the sequential strategy sum their
-            gradients through autograd, as ``.grad`` sums them in a
-            hand-written loop.
+        by_sum: how to fold ``k`` microbatches of one weight from the sum of
+            their gradients (:class:`SumFold`), which lets the sequential
+            strategy sum them through autograd, as ``.grad`` sums them in a
+            hand-written loop; or None (the reducer needs each gradient).
 
     ``update`` and ``finalize`` may also take ``donate=True``: the caller gives
     the state up, and its tensors may be overwritten (the fold does so with a
@@ -157,7 +177,7 @@ class Reducer(NamedTuple):
         tensor([6., 6.])
         >>> fa.extend.Reducer._fields
         ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control',
-         'linear')
+         'by_sum')
     """
 
     init: Callable[[PyTree], Any]
@@ -167,7 +187,7 @@ class Reducer(NamedTuple):
     carry: CarryRule | None = None
     update_by_norms: Callable[..., Any] | None = None
     batch_control: BatchControl | None = None
-    linear: bool = False
+    by_sum: SumFold | None = None
 
 
 class Maximum(NamedTuple):

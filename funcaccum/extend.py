@@ -12,7 +12,8 @@ strategies and reducers are built from, so one's own can be built the same way:
   reads, and :data:`CompileMode`;
 - reducers: :class:`Reducer` (``init``/``update``/``merge``/``finalize``),
   :class:`CarryRule` and the :class:`Control` it returns, :class:`BatchControl`,
-  :class:`Maximum`, and the built-in reducers' states and stats;
+  :class:`Maximum`, :class:`SumFold` (folding by a sum of gradients), and
+  the built-in reducers' states and stats;
 - :func:`plan_microbatches` (a split without the data) and
   :func:`noise_statistics` (the adaptive reducer's estimates).
 """
@@ -25,7 +26,7 @@ from ._fold import FoldState, LossSpec, MicrobatchOutput
 from ._folder import Folder
 from ._mean import MeanState, MeanStats
 from ._microbatch import MicrobatchGroup, plan_microbatches
-from ._reducer import BatchControl, CarryRule, Control, Maximum, Reducer
+from ._reducer import BatchControl, CarryRule, Control, Maximum, Reducer, SumFold
 from ._strategy import GroupRunner, Strategy
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "Reducer",
     "Runner",
     "Strategy",
+    "SumFold",
     "noise_statistics",
     "plan_microbatches",
 ]

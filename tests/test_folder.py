@@ -296,3 +296,50 @@ def test_compile_compiles_a_piece_only_when_the_step_compiles_its_loss(
     wrapped = folder.compile(piece)
     assert (wrapped is not piece) == compiles
     assert wrapped.__wrapped__ is piece if compiles else wrapped is piece
+
+
+def _counted(reducer: fa.extend.Reducer, calls: dict[str, int]) -> fa.extend.Reducer:
+    """``reducer`` counting how often each of its two fold paths runs."""
+
+    def count(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    assert reducer.by_sum is not None
+    by_sum = reducer.by_sum._replace(update=count("by_sum", reducer.by_sum.update))
+    return reducer._replace(update=count("update", reducer.update), by_sum=by_sum)
+
+
+@pytest.mark.parametrize("name", ["mean", "adaptive"])
+def test_fold_in_order_sums_by_autograd_and_equals_each_gradient_folded(name: str) -> None:
+    """scan()'s eager fold: autograd's sum (and hooked squared norms) give the same state."""
+    make = {"mean": fa.mean, "adaptive": fa.adaptive}[name]
+    params, batch = mlp_params(), classification_batch(23)  # float64; groups 6, 6, 6 and 5
+    calls: dict[str, int] = {}
+    summed = fa.Accumulation(reducer=_counted(make(), calls), num_microbatches=4)
+    each = fa.Accumulation(reducer=make()._replace(by_sum=None), num_microbatches=4)
+    got = summed.finalize(summed.fold(mlp_loss, params, batch))
+    want = each.finalize(each.fold(mlp_loss, params, batch))
+    assert calls == {"by_sum": 2}  # one call per group of equal-size microbatches
+    assert_trees_allclose(got.grads, want.grads, rtol=1e-12, atol=1e-15)
+    assert_trees_allclose(got.stats, want.stats, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-13, atol=0)
+
+
+def test_fold_in_order_folds_each_gradient_where_a_sum_would_lose_precision() -> None:
+    """Per-microbatch weights, or float32 params with float64 sums: each gradient is folded."""
+    calls: dict[str, int] = {}
+    weighted = fa.Accumulation(
+        reducer=_counted(fa.mean(), calls), num_microbatches=3, has_weight=True
+    )
+    weighted.fold(token_weighted_loss, sequence_params(), sequence_batch(9))
+    assert calls == {"update": 3}
+    calls.clear()
+    wide = fa.Accumulation(
+        reducer=_counted(fa.mean(accum_dtype=torch.float64), calls), num_microbatches=3
+    )
+    wide.fold(mlp_loss, mlp_params(torch.float32), classification_batch(9, torch.float32))
+    assert calls == {"update": 3}
