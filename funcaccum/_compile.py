@@ -129,9 +129,11 @@ class deterministic_on_cpu:  # noqa: N801  (a context manager, named as one is u
     in an order that changes from run to run; with deterministic algorithms
     enabled when a graph is lowered it calls the serial ATen kernel instead,
     and two runs of a compiled step are bit-identical. The setting is torch's
-    own global one, restored on exit; on CUDA funcaccum leaves it to the user
-    (it needs ``CUBLAS_WORKSPACE_CONFIG`` set before CUDA starts, and costs
-    more there): ``torch.use_deterministic_algorithms(True)`` applies as usual.
+    own global one (in its warning mode: an op with no deterministic kernel
+    warns rather than stops the step), restored on exit. On CUDA funcaccum
+    leaves it to the user (it needs ``CUBLAS_WORKSPACE_CONFIG`` set before
+    CUDA starts, and costs more there): ``torch.use_deterministic_algorithms(True)``
+    applies as usual.
     """
 
     __slots__ = ("args", "before")
@@ -147,7 +149,7 @@ class deterministic_on_cpu:  # noqa: N801  (a context manager, named as one is u
                 torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
             )
-            torch.use_deterministic_algorithms(True)
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
     def __exit__(self, *exc: object) -> None:
         if self.before is not None:
