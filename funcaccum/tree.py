@@ -10,6 +10,10 @@ same structure, ``None`` in the same places; a mismatch raises optree's
 
 Reductions (:func:`global_norm`, :func:`vdot`, :func:`weighted_sum`) compute
 in at least float32, so bf16 and fp16 trees do not lose the sum to rounding.
+Over DTensor leaves (a sharded model's params, gradients and moments) the
+elementwise functions run on each rank's shard without communication, and
+:func:`global_norm` and :func:`vdot` return a plain 0-d tensor, the same on
+every rank, for one scalar all-reduce.
 
 The elementwise functions run one ``torch._foreach_*`` call over all leaves
 instead of one op per leaf: eagerly that is one dispatch for the whole tree,
@@ -33,7 +37,7 @@ import functools
 import optree
 import torch
 
-from ._tree import PyTree, Tree, accum_dtype, foreach_map, sum_over_leaves
+from ._tree import PyTree, Tree, accum_dtype, foreach_map, replicated_value, sum_over_leaves
 
 __all__ = [
     "add",
@@ -123,7 +127,7 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     products = optree.tree_map(
         lambda x, y: torch.sum(x.to(accum_dtype(x.dtype)) * y.to(accum_dtype(y.dtype))), a, b
     )
-    return sum_over_leaves(optree.tree_leaves(products))
+    return replicated_value(sum_over_leaves(optree.tree_leaves(products)))
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
@@ -151,7 +155,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
         for acc, leaves in by_dtype.items()
         for norm in torch._foreach_norm(leaves, 2, dtype=acc)
     ]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return replicated_value(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def weighted_sum(tree: Tree, weights: torch.Tensor, *, dtype: torch.dtype | None = None) -> Tree:
