@@ -227,7 +227,10 @@ def select(pred: torch.Tensor, on_true: Tree, on_false: Tree) -> Tree:
     """Leafwise ``torch.where(pred, on_true, on_false)`` for a boolean 0-d ``pred``.
 
     The result is bit-identical to the chosen tree, so a rejected update leaves
-    state exactly as it was.
+    state exactly as it was. Eagerly, with ``pred`` on the CPU, reading it costs
+    no device synchronisation, so the chosen tree is returned as it is: no
+    ``where`` per leaf, and no copy (each ``where`` on a sharded DTensor leaf
+    costs a dispatch of its own).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> new, old = ({"w": torch.randn(2, 3, generator=g)} for _ in range(2))  # w: (2, 3)
@@ -237,4 +240,10 @@ def select(pred: torch.Tensor, on_true: Tree, on_false: Tree) -> Tree:
     >>> torch.equal(select(~finite, new, old)["w"], old["w"])
     True
     """
+    if (
+        not torch.compiler.is_compiling()
+        and pred.device.type == "cpu"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(pred)
+    ):
+        return on_true if bool(pred) else on_false
     return optree.tree_map(lambda a, b: torch.where(pred, a, b), on_true, on_false)

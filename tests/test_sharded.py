@@ -224,6 +224,15 @@ def test_refuses_what_it_cannot_run_exactly(one_process_group: Any) -> None:
         sharded(plain, local_batch(0, 0, [4]))
 
 
+@pytest.mark.parametrize("generator", [None, torch.Generator().manual_seed(0)])
+def test_refuses_noise_on_gradient_shards(one_process_group: Any, generator: Any) -> None:
+    """On a CPU mesh DTensor would draw every rank's shard from that rank's own generator."""
+    noisy = fa.clipped_mean(1.0, noise_multiplier=1.0, denominator="weight", generator=generator)
+    sharded = make(one_process_group, accumulation=fa.Accumulation(reducer=noisy, has_weight=True))
+    with pytest.raises(fa.FuncaccumError, match="drew random numbers for sharded gradients"):
+        sharded(sharded.init(), local_batch(0, 0, [4]))
+
+
 def test_refuses_batch_norm_in_training_and_a_loss_that_skips_the_module(
     one_process_group: Any,
 ) -> None:

@@ -11,6 +11,7 @@ sums, as DTensors; the update rule then runs on the shards.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -269,13 +270,14 @@ class FullyShardedStep:
                 "FullyShardedStep does not thread a model state (has_state=True): under FSDP "
                 "each rank's buffers drift apart; keep such layers in eval mode"
             )
-        probe = accumulation.reducer.init({"w": torch.zeros(1)})
-        kind = _KINDS.get(type(probe))
+        # An empty fold of one-element stand-ins: the reducer, and the dtypes its sums take.
+        probe = accumulation.init({n: torch.zeros(1, dtype=p.dtype) for n, p in params.items()})
+        kind = _KINDS.get(type(probe.reducer))
         if kind is None:
             raise FuncaccumError(
                 "FullyShardedStep folds the built-in reducers, mean(), clipped_mean() and "
                 f"adaptive(), on gradient shards; this reducer's state is a "
-                f"{type(probe).__name__}"
+                f"{type(probe.reducer).__name__}"
             )
         if sync == "step" and kind != "mean":
             raise FuncaccumError(
@@ -287,6 +289,9 @@ class FullyShardedStep:
             )
         self.module, self.loss_fn, self.sync, self.gather = module, loss_fn, sync, gather
         self.timeout, self.kind, self.mesh = timeout, kind, mesh
+        self._probe = probe
+        sums = probe.reducer.clipped_sum if kind == "clipped_mean" else probe.reducer.grad_sum
+        self._grad_dtypes = {name: leaf.dtype for name, leaf in sums.items()}
         self.group = mesh.get_group()
         self.calls = 0  # optimizer steps attempted, to name one in an error
 
@@ -334,10 +339,31 @@ class FullyShardedStep:
         """One optimizer step on every rank's local batch (zero examples: a zero-length slice)."""
         self._load(state.params)
         folded = self._fold(state, local_batch)
-        state, metrics = self.step.apply(state, folded)
+        state, metrics = self._apply(state, folded)
         self._store(state.params)
         self.step.check_skips(state, metrics)
         return state, metrics
+
+    def _apply(self, state: TrainState, folded: Folded) -> tuple[TrainState, StepMetrics]:
+        """:meth:`TrainStep.apply`, refusing random draws DTensor cannot make right here."""
+        with warnings.catch_warnings():
+            # On a CPU mesh DTensor draws each shard from its own rank's generator: shards of
+            # one tensor repeat each other's numbers. It warns; here that is an error.
+            warnings.filterwarnings("error", message="DTensor random operators may not have")
+            try:
+                return self.step.apply(state, folded)
+            except (UserWarning, RuntimeError) as error:
+                if not isinstance(
+                    error, UserWarning
+                ) and "mixed torch.Tensor and DTensor" not in str(error):
+                    raise
+                raise FuncaccumError(
+                    "the update drew random numbers for sharded gradients (clipped_mean's noise?), "
+                    "which FullyShardedStep does not support: on a CPU mesh DTensor draws every "
+                    "rank's shard from that rank's own generator, so the shards of one noise "
+                    "tensor would repeat each other, and a torch.Generator draws whole tensors. "
+                    f"({str(error).splitlines()[0]})"
+                ) from error
 
     def _load(self, params: Any) -> None:
         for sub in self._fsdp:  # the shards are the truth: drop params an eval forward left
@@ -447,13 +473,13 @@ class FullyShardedStep:
             sum_over_leaves(pieces).backward()
         return loss.detach(), weight.detach(), out.aux
 
-    def _take_grads(self, like: Any) -> dict[str, torch.Tensor]:
-        """The gradient shards FSDP left in ``.grad`` (cleared), in the dtypes of ``like``."""
+    def _take_grads(self) -> dict[str, torch.Tensor]:
+        """The gradient shards FSDP left in ``.grad`` (cleared), in the reducer's sum dtypes."""
         grads = {}
         for name, p in self._params.items():
             grad, p.grad = p.grad, None
-            target = like[name]
-            grads[name] = torch.zeros_like(target) if grad is None else grad.to(target.dtype)
+            dtype = self._grad_dtypes[name]
+            grads[name] = torch.zeros_like(p, dtype=dtype) if grad is None else grad.to(dtype)
         return grads
 
     def _fold(self, state: TrainState, local_batch: PyTree) -> Folded:
@@ -461,14 +487,17 @@ class FullyShardedStep:
         self.calls += 1
         device = _local(next(iter(self._params.values()))).device
         count = self._count(len(microbatches), device)
-        start = self.accumulation.init(state.params)
-        reducer_state: Any = start.reducer
         names = list(self._params)
+        # mean's sum is what FSDP accumulates in .grad; the others fold each microbatch's shards.
+        reducer_state: Any = None
+        if self.kind != "mean":
+            reducer_state = self.accumulation.init(state.params).reducer
         # Per microbatch, this rank's part: weight, weighted loss, and for adaptive each leaf's
         # squared norm of its shard; one all-reduce sums them after the last microbatch.
         weights = torch.zeros(count, dtype=torch.float64, device=device)
         losses = torch.zeros(count, dtype=torch.float64, device=device)
-        squares = torch.zeros(count, len(names), dtype=torch.float64, device=device)
+        columns = len(names) if self.kind == "adaptive" else 0
+        squares = torch.zeros(count, columns, dtype=torch.float64, device=device)
         auxes = []
         for p in self._params.values():
             p.grad = None
@@ -485,44 +514,38 @@ class FullyShardedStep:
                 auxes.append(aux)
             weights[i] = weight.to(torch.float64)
             losses[i] = torch.where(weight != 0, weight * loss, 0).to(torch.float64)
-            if self.sync == "microbatch":
-                reducer_state = self._fold_microbatch(reducer_state, i, weights[i], squares, names)
+            if self.kind != "mean":
+                reducer_state = self._fold_microbatch(reducer_state, i, weights[i], squares)
         if self.sync == "step":
             self._root.set_requires_gradient_sync(True)
-            grads = self._take_grads(reducer_state.grad_sum)
-            reducer_state = reducer_state._replace(grad_sum=tree.add(reducer_state.grad_sum, grads))
         total = self._all_reduce(
             torch.cat([losses.sum().reshape(1), weights, squares.flatten()]),
             "the closing all-reduce",
         )
         loss_sum, unit_weights = total[0], total[1 : count + 1]
-        unit_squares = total[count + 1 :].reshape(count, len(names))
-        dtype = start.weight_sum.dtype
+        dtype = self._probe.weight_sum.dtype
         weight_sum = unit_weights.sum()
         if self.kind == "mean":
-            reducer_state = reducer_state._replace(weight_sum=weight_sum.to(dtype))
+            mean_dtype = self._probe.reducer.weight_sum.dtype
+            reducer_state = MeanState(self._take_grads(), weight_sum.to(mean_dtype))
         elif self.kind == "adaptive":
+            unit_squares = total[count + 1 :].reshape(count, columns)
             reducer_state = self._adaptive_sums(reducer_state, unit_weights, unit_squares)
         fold_state = FoldState(
             reducer_state,
             loss_sum.to(dtype),
             weight_sum.to(dtype),
-            torch.tensor(float(count), dtype=dtype, device=start.microbatches.device),
+            torch.tensor(float(count), dtype=dtype, device=device),
         )
         aux = concat([stack([a]) for a in auxes]) if auxes else None
         return Folded(fold_state, (), aux)
 
     def _fold_microbatch(
-        self,
-        reducer_state: Any,
-        i: int,
-        weight: torch.Tensor,
-        squares: torch.Tensor,
-        names: list[str],
+        self, reducer_state: Any, i: int, weight: torch.Tensor, squares: torch.Tensor
     ) -> Any:
         """Fold microbatch ``i``'s reduce-scattered shards ``S_i`` into the reducer's state."""
+        grads = self._take_grads()
         if self.kind == "clipped_mean":
-            grads = self._take_grads(reducer_state.clipped_sum)
             mine = torch.stack([
                 sum_over_leaves([_local_square(g) for g in grads.values()]),
                 weight,
@@ -539,9 +562,7 @@ class FullyShardedStep:
             update_by_norms = self.accumulation.reducer.update_by_norms
             assert update_by_norms is not None  # clipped_mean has one
             return update_by_norms(reducer_state, norm.reshape(1), n.reshape(1), weighted_sum)
-        grads = self._take_grads(reducer_state.grad_sum)
-        if self.kind == "adaptive":
-            squares[i] = torch.stack([_local_square(grads[name]) for name in names])
+        squares[i] = torch.stack([_local_square(g) for g in grads.values()])  # adaptive
         return reducer_state._replace(grad_sum=tree.add(reducer_state.grad_sum, grads))
 
     def _adaptive_sums(
