@@ -283,8 +283,8 @@ class TrainStep:
         params = apply_updates(state.params, updates)
         # The guard covers the update too: a NaN learning rate, or an overflow in the update
         # rule, is skipped like a NaN gradient, so the params stay those of a finite step.
-        finite = finite & torch.isfinite(tree.global_norm(updates))
-        finite = finite & torch.isfinite(tree.global_norm(params))
+        # One norm over both: one reduction (one all-reduce over sharded params), not two.
+        finite = finite & torch.isfinite(tree.global_norm((updates, params)))
         model_state = folded.model_state if self.accumulation.has_state else state.model_state
         # A non-finite step changes nothing but the skip counts: bit-identical params and state.
         params, opt_state, carry, model_state = tree.select(

@@ -397,9 +397,12 @@ class FullyShardedStep:
         self._store(params)
 
     def _store(self, params: Any) -> None:
+        # Same placements (checked in _load): each rank copies its own shards, in one op.
         with torch.no_grad():
-            for name, p in self._params.items():
-                p.copy_(params[name])  # same placements: each rank copies its shard
+            torch._foreach_copy_(
+                [_local(p) for p in self._params.values()],
+                [_local(params[name]) for name in self._params],
+            )
         self._in_module = params
 
     def _microbatches(self, batch: PyTree) -> tuple[list[tuple[PyTree, int]], PyTree]:
