@@ -19,11 +19,14 @@ in alternating rounds:
 - ``fa_data_parallel``: ``fa.distributed.DataParallel`` on an unsharded copy:
   everything replicated, one all-reduce per step.
 
-Each row: ms per step (the median over rounds of per-round medians), the
-ratio to the hand loop, this rank's bytes of params, gradient sums and
-optimizer state, the memory a step adds at its peak (the resident set's
-high-water mark over two steps, less the resident set before them, largest
-over ranks), and the process's peak resident set.
+Each row: ms per step (the median of ``--steps`` steps, one step of each
+side in turn, after a barrier), the ratio to the hand loop, rank 0's bytes
+of params, gradient sums and optimizer state, the memory a step adds at its
+peak (the resident set's high-water mark over two steps, less the resident
+set before them, largest over ranks), and the process's peak resident set.
+Time and memory come from two launches of the same sides: the memory one
+pins glibc's mmap threshold so the resident set follows live tensors, which
+adds a system call to every large allocation and would distort the times.
 
     python benchmarks/sharded.py                 # 1, 2 and 4 processes: a few minutes
     python benchmarks/sharded.py --worlds 2 --layers 2
@@ -36,16 +39,18 @@ import datetime
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from _common import alternating_medians_ms, environment, peak_memory, print_table, write_results
+from _common import environment, peak_memory, print_table, write_results
 from torch.nn import functional
 
 import funcaccum as fa
@@ -166,6 +171,7 @@ def fa_data_parallel(config: dict[str, Any], data: tuple) -> tuple[Any, dict[str
 
 
 def rank_main(config: dict[str, Any], out: Path) -> None:
+    """One rank of one launch: ``config["measure"]`` is ``"time"`` or ``"memory"``."""
     from torch.distributed.device_mesh import init_device_mesh
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=600))
@@ -178,18 +184,25 @@ def rank_main(config: dict[str, Any], out: Path) -> None:
         "fa_sharded_step": fa_sharded(config, mesh, data, sync="step", gather="step"),
         "fa_data_parallel": fa_data_parallel(config, data),
     }
-    ms = alternating_medians_ms(
-        {name: call for name, (call, _) in sides.items()},
-        rounds=config["rounds"],
-        repeat=config["repeat"],
-    )
     result: dict[str, Any] = {}
-    for name, (call, sizes) in sides.items():
-        with peak_memory("cpu") as peak:
-            call()
-            call()
-        result[name] = {"ms": ms[name], "step_peak_mib": peak["mib"], **sizes}
-    result["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if config["measure"] == "time":
+        # One step of each side in turn, many times: a shared machine's drift falls on all.
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for _ in range(config["steps"]):
+            for name, (call, _) in sides.items():
+                dist.barrier()
+                start = time.perf_counter()
+                call()
+                times[name].append(1e3 * (time.perf_counter() - start))
+        for name, (_, sizes) in sides.items():
+            result[name] = {"ms": statistics.median(times[name]), "ms_all": times[name], **sizes}
+    else:
+        for name, (call, _) in sides.items():
+            with peak_memory("cpu") as peak:
+                call()
+                call()
+            result[name] = {"step_peak_mib": peak["mib"]}
+        result["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     everyone: list[Any] = [None] * world
     dist.all_gather_object(everyone, result)
     if rank == 0:
@@ -200,9 +213,11 @@ def rank_main(config: dict[str, Any], out: Path) -> None:
 def launch(world: int, config: dict[str, Any], port: int) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        # One thread a process (torchrun's default), and allocations over 64 KiB mmapped and
-        # returned on free, so the resident set follows live tensors (_common.peak_memory).
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # torchrun's default, said explicitly
+        if config["measure"] == "memory":
+            # Allocations over 64 KiB mmapped and returned on free, so the resident set
+            # follows live tensors (_common.peak_memory); not for timing: it adds syscalls.
+            env["MALLOC_MMAP_THRESHOLD_"] = "65536"
         subprocess.run(
             [
                 sys.executable,
@@ -235,8 +250,7 @@ def main() -> None:
     p.add_argument("--d", type=int, default=128)
     p.add_argument("--k", type=int, default=4, help="microbatches per rank")
     p.add_argument("--microbatch", type=int, default=4, help="sequences per microbatch")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per side, interleaved")
     p.add_argument("--port", type=int, default=29631)
     args = p.parse_args()
     config = {
@@ -247,12 +261,17 @@ def main() -> None:
         "vocab": 256,
         "k": args.k,
         "microbatch": args.microbatch,
-        "rounds": args.rounds,
-        "repeat": args.repeat,
+        "steps": args.steps,
     }
-    results = {}
+    results: dict[int, list[dict[str, Any]]] = {}
     for world in (int(w) for w in args.worlds.split(",")):
-        results[world] = launch(world, config, args.port + world)
+        timed = launch(world, config | {"measure": "time"}, args.port + 2 * world)
+        memory = launch(world, config | {"measure": "memory"}, args.port + 2 * world + 1)
+        results[world] = [
+            {side: t[side] | m[side] for side in SIDES}
+            | {"process_peak_rss_mib": m["process_peak_rss_mib"]}
+            for t, m in zip(timed, memory, strict=True)
+        ]
     rows = []
     mib = 2**20
     for world, ranks in results.items():

@@ -1,4 +1,4 @@
-"""One rank of the FSDP2 tests: python _sharded_worker.py RANK WORLD PORT SCENARIO OUT.
+"""One rank of the FSDP2 tests: python _sharded_worker.py RANK WORLD RENDEZVOUS SCENARIO OUT.
 
 Scenarios run many configurations in one launch (process start-up and FSDP's
 set-up dominate a test's time): ``main`` trains every reducer, split and sync
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import copy
 import datetime
-import os
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -292,48 +292,57 @@ def _distributed(saved: Any, sharded: Any) -> Any:
 def launch(scenario: str, world: int, out: Path, timeout: float = 400) -> list[dict[str, Any]]:
     """Run ``scenario`` on ``world`` gloo processes on loopback; each rank's result."""
     import subprocess
+    import uuid
 
-    from conftest import free_port
-
-    port = free_port()
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(world), port, scenario, str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
+    # A rendezvous file of this launch's own, not a TCP port: another job on the machine
+    # cannot take it between choosing and binding, nor join this group by mistake.
+    rendezvous = out / f"rendezvous-{scenario}-{world}-{uuid.uuid4().hex}"
+    # Each rank's output to a file: a pipe read after another rank's would fill and stall it.
+    logs = [out / f"{scenario}-{world}-rank{rank}.log" for rank in range(world)]
+    processes = []
+    for rank, log in enumerate(logs):
+        with log.open("w") as sink:  # the child holds its own copy of the descriptor
+            command = [sys.executable, __file__, str(rank), str(world), str(rendezvous)]
+            processes.append(
+                subprocess.Popen([*command, scenario, str(out)], stdout=sink, stderr=sink)
+            )
     failures = []
     for rank, process in enumerate(processes):
         try:
-            _, err = process.communicate(timeout=timeout)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             for other in processes:
                 other.kill()
             raise
         if process.returncode != 0:
-            failures.append(f"rank {rank} of {scenario} on {world}:\n{err[-3000:]}")
+            failures.append(
+                f"rank {rank} of {scenario} on {world}:\n{logs[rank].read_text()[-3000:]}"
+            )
     if failures:
         raise AssertionError("\n".join(failures))
     return [torch.load(out / f"{scenario}-rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def main() -> None:
-    rank, world, port, scenario, out = (
+    rank, world, rendezvous, scenario, out = (
         int(sys.argv[1]),
         int(sys.argv[2]),
         sys.argv[3],
         sys.argv[4],
         Path(sys.argv[5]),
     )
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+        "gloo",
+        init_method=f"file://{rendezvous}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
     )
     from torch.distributed.device_mesh import init_device_mesh
 
+    # torch 2.13's FSDP2 warns whenever a wrapped Linear gets a 3-d input (its output is a
+    # view), in case the caller writes into it in place; nothing here does.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh("cpu", (world,))
     result: dict[str, Any] = {}
     if scenario == "main":

@@ -11,7 +11,6 @@ sums, as DTensors; the update rule then runs on the shards.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -44,6 +43,12 @@ Gather = Literal["microbatch", "step"]
 """When FSDP all-gathers params: for every microbatch, or once per step (kept gathered)."""
 
 _KINDS = {MeanState: "mean", ClippedMeanState: "clipped_mean", AdaptiveState: "adaptive"}
+_RANDOM_ON_CPU_MESH = (
+    "the update drew random numbers (clipped_mean's noise?) for gradient shards on a CPU "
+    "mesh, where DTensor draws every rank's shard from that rank's own generator, so the "
+    "shards of one noise tensor would repeat each other's numbers; FullyShardedStep does not "
+    "support it"
+)
 
 
 def local_bytes(tree_: PyTree) -> int:
@@ -196,6 +201,8 @@ class FullyShardedStep:
     Args:
         module: the model, ``fully_shard``-ed (its submodules first, then the
             root), on a 1-d device mesh; its FSDP settings are taken over.
+            As for any FSDP model, initialise it alike on every rank (the same
+            seed) or load a checkpoint: each rank keeps its own slice.
         loss_fn: ``loss_fn(module, microbatch)``: the mean loss of the
             microbatch as a 0-d tensor, computed by calling ``module``; with
             ``has_weight``, ``(loss, weight)``; with ``has_aux``, ``(loss_or_pair, aux)``.
@@ -346,24 +353,26 @@ class FullyShardedStep:
 
     def _apply(self, state: TrainState, folded: Folded) -> tuple[TrainState, StepMetrics]:
         """:meth:`TrainStep.apply`, refusing random draws DTensor cannot make right here."""
-        with warnings.catch_warnings():
-            # On a CPU mesh DTensor draws each shard from its own rank's generator: shards of
-            # one tensor repeat each other's numbers. It warns; here that is an error.
-            warnings.filterwarnings("error", message="DTensor random operators may not have")
-            try:
-                return self.step.apply(state, folded)
-            except (UserWarning, RuntimeError) as error:
-                if not isinstance(
-                    error, UserWarning
-                ) and "mixed torch.Tensor and DTensor" not in str(error):
-                    raise
-                raise FuncaccumError(
-                    "the update drew random numbers for sharded gradients (clipped_mean's noise?), "
-                    "which FullyShardedStep does not support: on a CPU mesh DTensor draws every "
-                    "rank's shard from that rank's own generator, so the shards of one noise "
-                    "tensor would repeat each other, and a torch.Generator draws whole tensors. "
-                    f"({str(error).splitlines()[0]})"
-                ) from error
+        # On a CPU mesh DTensor draws each shard from its own rank's generator, so the shards
+        # of one tensor repeat each other's numbers: a draw shows as a moved generator.
+        before = torch.get_rng_state() if self.mesh.device_type == "cpu" else None
+        try:
+            result = self.step.apply(state, folded)
+        except UserWarning as warning:  # DTensor's own warning about it, under -W error
+            raise FuncaccumError(_RANDOM_ON_CPU_MESH + f" ({warning})") from warning
+        except RuntimeError as error:
+            if "mixed torch.Tensor and DTensor" not in str(error):
+                raise
+            raise FuncaccumError(
+                "the update combined a whole tensor with a parameter's shards: a rule or "
+                "reducer made a plain tensor of a parameter's full shape (clipped_mean's "
+                "noise with generator= does); under FullyShardedStep every parameter, "
+                "gradient and moment is a DTensor shard, so such tensors must be DTensors "
+                f"too ({str(error).splitlines()[0]})"
+            ) from error
+        if before is not None and not torch.equal(before, torch.get_rng_state()):
+            raise FuncaccumError(_RANDOM_ON_CPU_MESH)
+        return result
 
     def _load(self, params: Any) -> None:
         for sub in self._fsdp:  # the shards are the truth: drop params an eval forward left
