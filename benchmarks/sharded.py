@@ -23,13 +23,16 @@ Each row: ms per step (the median of ``--steps`` steps, one step of each
 side in turn, after a barrier), the ratio to the hand loop, rank 0's bytes
 of params, gradient sums and optimizer state, the memory a step adds at its
 peak (the resident set's high-water mark over two steps, less the resident
-set before them, largest over ranks), and the process's peak resident set.
-Time and memory come from two launches of the same sides: the memory one
-pins glibc's mmap threshold so the resident set follows live tensors, which
-adds a system call to every large allocation and would distort the times.
+set before them, largest over ranks), and the peak resident set of a process
+that built and ran that side alone (largest over ranks; the torch runtime
+included). Times come from one launch running every side; memory from one
+launch per side, which pins glibc's mmap threshold so the resident set
+follows live tensors (a system call on every large allocation: it would
+distort the times).
 
     python benchmarks/sharded.py                 # 1, 2 and 4 processes: a few minutes
     python benchmarks/sharded.py --worlds 2 --layers 2
+    python benchmarks/sharded.py --d 384 --layers 6 --k 2 --microbatch 2 --steps 4 --tag large
 """
 
 from __future__ import annotations
@@ -178,12 +181,13 @@ def rank_main(config: dict[str, Any], out: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     data = local_data(config, rank)
-    sides: dict[str, tuple[Any, dict[str, int]]] = {
-        "hand_fsdp2": hand_fsdp2(config, mesh, data),
-        "fa_sharded": fa_sharded(config, mesh, data),
-        "fa_sharded_step": fa_sharded(config, mesh, data, sync="step", gather="step"),
-        "fa_data_parallel": fa_data_parallel(config, data),
+    builders = {
+        "hand_fsdp2": lambda: hand_fsdp2(config, mesh, data),
+        "fa_sharded": lambda: fa_sharded(config, mesh, data),
+        "fa_sharded_step": lambda: fa_sharded(config, mesh, data, sync="step", gather="step"),
+        "fa_data_parallel": lambda: fa_data_parallel(config, data),
     }
+    sides = {name: builders[name]() for name in config["sides"]}
     result: dict[str, Any] = {}
     if config["measure"] == "time":
         # One step of each side in turn, many times: a shared machine's drift falls on all.
@@ -252,6 +256,7 @@ def main() -> None:
     p.add_argument("--microbatch", type=int, default=4, help="sequences per microbatch")
     p.add_argument("--steps", type=int, default=20, help="timed steps per side, interleaved")
     p.add_argument("--port", type=int, default=29631)
+    p.add_argument("--tag", default="", help="results/sharded-cpu[-TAG].json")
     args = p.parse_args()
     config = {
         "layers": args.layers,
@@ -264,14 +269,17 @@ def main() -> None:
         "steps": args.steps,
     }
     results: dict[int, list[dict[str, Any]]] = {}
+    port = args.port
     for world in (int(w) for w in args.worlds.split(",")):
-        timed = launch(world, config | {"measure": "time"}, args.port + 2 * world)
-        memory = launch(world, config | {"measure": "memory"}, args.port + 2 * world + 1)
-        results[world] = [
-            {side: t[side] | m[side] for side in SIDES}
-            | {"process_peak_rss_mib": m["process_peak_rss_mib"]}
-            for t, m in zip(timed, memory, strict=True)
-        ]
+        port += 1
+        timed = launch(world, config | {"measure": "time", "sides": SIDES}, port)
+        ranks: list[dict[str, Any]] = [dict(r) for r in timed]
+        for side in SIDES:  # a process of its own per side: its peak resident set is its own
+            port += 1
+            memory = launch(world, config | {"measure": "memory", "sides": [side]}, port)
+            for mine, measured in zip(ranks, memory, strict=True):
+                mine[side] |= measured[side] | {"peak_rss_mib": measured["process_peak_rss_mib"]}
+        results[world] = ranks
     rows = []
     mib = 2**20
     for world, ranks in results.items():
@@ -288,7 +296,7 @@ def main() -> None:
                     row["grads"] / mib,
                     row["opt_state"] / mib,
                     max(r[side]["step_peak_mib"] for r in ranks),
-                    max(r["process_peak_rss_mib"] for r in ranks),
+                    max(r[side]["peak_rss_mib"] for r in ranks),
                 ]
             )
     print_table(
@@ -304,7 +312,7 @@ def main() -> None:
         "config": config,
         "results": results,
     }
-    write_results("sharded-cpu", record)
+    write_results("sharded-cpu" + (f"-{args.tag}" if args.tag else ""), record)
 
 
 if __name__ == "__main__":
