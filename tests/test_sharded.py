@@ -196,6 +196,25 @@ def test_a_step_is_a_function_of_the_state_and_leaves_the_module_trained(
     assert_trees_equal(first, kept)  # the caller's state was not written
 
 
+def test_aux_outputs_are_this_ranks_own_stacked_by_microbatch(one_process_group: Any) -> None:
+    def with_aux(module: nn.Module, batch: dict) -> Any:
+        loss, count = token_loss(module, batch)
+        return (loss, count), {"tokens": count}
+
+    options = fa.Accumulation(num_microbatches=3, has_weight=True, has_aux=True)
+    sharded = fa.distributed.FullyShardedStep(
+        sharded_token_model(one_process_group),
+        with_aux,
+        optimizer=fa.optim.sgd(0.1),
+        accumulation=options,
+    )
+    _, metrics = sharded(sharded.init(), local_batch(0, 0, [7]))
+    groups = fa.split_microbatches(local_batch(0, 0, [7]), num_microbatches=3)
+    counts = torch.stack([g.batch["mask"][j].sum() for g in groups for j in range(g.count)])
+    assert torch.equal(metrics.aux["tokens"], counts)  # sizes 3, 2, 2: one per microbatch
+    assert metrics.weight == counts.sum()
+
+
 def test_refuses_what_it_cannot_run_exactly(one_process_group: Any) -> None:
     mesh = one_process_group
     with pytest.raises(fa.FuncaccumError, match="sharded with FSDP2 at its root"):

@@ -194,9 +194,11 @@ class FullyShardedStep:
     :func:`save_sharded` and :func:`load_sharded`.
 
     Not here: batch norm in training mode (refused), model state
-    (``has_state``), strategies other than :func:`~funcaccum.scan`,
-    ``compile`` (compile the module yourself) and ``compute_dtype`` (FSDP's
-    ``MixedPrecisionPolicy`` does that).
+    (``has_state``), strategies other than :func:`~funcaccum.scan`, random
+    draws in the update on a CPU mesh (``clipped_mean``'s noise: refused),
+    ``compile`` (compile the module yourself), ``compute_dtype`` (FSDP's
+    ``MixedPrecisionPolicy`` does that), and the drivers that take a
+    :class:`~funcaccum.TrainStep` (``AdaptiveBatching``, ``run_epoch``).
 
     Args:
         module: the model, ``fully_shard``-ed (its submodules first, then the
