@@ -202,21 +202,7 @@ def save(
     tree = _encode(state, "state", leaves)
     metadata = dict(metadata or {})
     _check_plain(metadata, "metadata")
-    saved_generators = {}
-    for name, generator in (generators or {}).items():
-        if not isinstance(name, str) or not isinstance(generator, torch.Generator):
-            raise FuncaccumError(
-                f"generators maps names (str) to torch.Generator objects, got {name!r}: "
-                f"{type(generator).__name__}"
-            )
-        saved_generators[name] = {
-            "device": generator.device.type,
-            "state": generator.get_state(),
-        }
-    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
-    # Only once initialised: asking earlier would start CUDA in a CPU-only run.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
+    rng, saved_generators = random_states(generators)
     payload = {
         "format": _FORMAT,
         "version": _VERSION,
@@ -235,6 +221,28 @@ def save(
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def random_states(
+    generators: Mapping[str, torch.Generator] | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Torch's global random-number states and those of the named generators, as saved."""
+    saved_generators = {}
+    for name, generator in (generators or {}).items():
+        if not isinstance(name, str) or not isinstance(generator, torch.Generator):
+            raise FuncaccumError(
+                f"generators maps names (str) to torch.Generator objects, got {name!r}: "
+                f"{type(generator).__name__}"
+            )
+        saved_generators[name] = {
+            "device": generator.device.type,
+            "state": generator.get_state(),
+        }
+    rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    # Only once initialised: asking earlier would start CUDA in a CPU-only run.
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng, saved_generators
 
 
 def _describe_saved(node: dict[str, Any], leaves: list[torch.Tensor]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from ._compile import regions_wanted
 from ._errors import FuncaccumError
 from ._validate import describe
 
-__all__ = ["functional_model", "hold_parametrizations", "load_into"]
+__all__ = ["functional_model", "hold_parametrizations", "load_into", "refuse_sharded"]
 
 Apply = Callable[..., Any]
 
@@ -151,6 +152,46 @@ def _quietly(compiled_call: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+def _sharded_part(module: nn.Module) -> str | None:
+    """Where ``module`` is sharded: its first FSDP2 submodule or DTensor tensor, or None.
+
+    Neither can exist before torch's FSDP or DTensor module was imported, so
+    nothing is imported here (importing them takes about half a second).
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    if fsdp is not None:
+        for name, sub in module.named_modules():
+            if isinstance(sub, fsdp.FSDPModule):
+                which = f"its submodule {name!r}" if name else "the module itself"
+                return f"{which} went through FSDP2's fully_shard"
+    if dtensor is not None:
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        for name, tensor in tensors:
+            if isinstance(tensor, dtensor.DTensor):
+                return f"the DTensor {name!r}"
+    return None
+
+
+def refuse_sharded(module: object, what: str) -> None:
+    """Raise if ``module`` is sharded by FSDP2 or holds DTensor parameters or buffers.
+
+    :func:`torch.func.functional_call` on such a module ignores the params it
+    is given (FSDP's hooks swap in their own), so every gradient would come
+    back zero without an error; ``what`` names the caller in the message.
+    """
+    if not isinstance(module, nn.Module):
+        return
+    where = _sharded_part(module)
+    if where is not None:
+        raise FuncaccumError(
+            f"{what} cannot take a sharded module ({where}): torch.func.functional_call on a "
+            "module sharded with FSDP2 ignores the params it is given, so the gradients would "
+            "come back zero without an error. Train it with "
+            "funcaccum.distributed.FullyShardedStep(module, loss_fn, ...), which runs each "
+            "microbatch's backward through FSDP's own hooks (docs/scaling.md, \"Sharded "
+            "parameters\")."
+        )
 
 
 def _batch_norms_in_training(module: nn.Module) -> list[str]:
@@ -162,6 +203,7 @@ def _batch_norms_in_training(module: nn.Module) -> list[str]:
 
 
 def _check_module(module: object) -> None:
+    refuse_sharded(module, "functional_model")
     if isinstance(module, type):
         raise FuncaccumError(
             f"functional_model needs a module instance, got the class {module.__name__}: "
@@ -220,8 +262,10 @@ def functional_model(
 
     Raises:
         FuncaccumError: ``module`` is not an ``nn.Module`` instance, it has no
-            trainable parameters, or a batch-norm layer is in training mode
-            and ``has_state`` is False.
+            trainable parameters, a batch-norm layer is in training mode
+            and ``has_state`` is False, or it is sharded (FSDP2's
+            ``fully_shard``, DTensor parameters): train that with
+            :class:`funcaccum.distributed.FullyShardedStep`.
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -314,8 +358,9 @@ def load_into(
         ``module``.
 
     Raises:
-        FuncaccumError: a name the module does not have, or a shape or dtype
-            that differs.
+        FuncaccumError: a name the module does not have, a shape or dtype
+            that differs, or a sharded module (FSDP2: use
+            ``FullyShardedStep.load_into(state)``).
 
     Example:
         >>> model = nn.Linear(2, 1)
@@ -325,6 +370,7 @@ def load_into(
         >>> torch.equal(model.weight, trained["weight"])
         True
     """
+    refuse_sharded(module, "load_into")
     targets: dict[str, torch.Tensor] = dict(module.named_parameters(remove_duplicate=False))
     targets |= dict(module.named_buffers(remove_duplicate=False))
     values = {**params, **(buffers or {})}

@@ -16,6 +16,7 @@ from . import tree
 from ._errors import FuncaccumError
 from ._fold import FoldState, MicrobatchOutput
 from ._folder import Folder
+from ._functional import refuse_sharded
 from ._microbatch import MicrobatchGroup
 from ._strategy import GroupRunner
 from ._tree import PyTree, accum_dtype, unit_squared_norms
@@ -361,6 +362,7 @@ def ghost(module: nn.Module, *, chunk_size: int | None = None) -> Ghost:
         Li et al., `Large Language Models Can Be Strong Differentially Private Learners
         <https://arxiv.org/abs/2110.05679>`_, 2021
     """
+    refuse_sharded(module, "ghost")
     layers: dict[str, tuple[str, ...]] = {}
     owners: dict[int, list[str]] = {}
     for name, sub in module.named_modules():

@@ -6,6 +6,7 @@ what is here serves reducers, update rules and error messages.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, TypeVar
 
@@ -20,6 +21,7 @@ __all__ = [
     "foreach_map",
     "leaf_norms",
     "leaf_paths",
+    "replicated_value",
     "sum_over_leaves",
     "tree_device",
     "unit_squared_norms",
@@ -46,6 +48,22 @@ def accumulator_like(params: PyTree, override: torch.dtype | None = None) -> PyT
 def sum_over_leaves(values: list[torch.Tensor]) -> torch.Tensor:
     """``values[0] + values[1] + ...`` in that order; a 0-d zero for none."""
     return sum(values[1:], values[0]) if values else torch.zeros(())
+
+
+def replicated_value(x: torch.Tensor) -> torch.Tensor:
+    """A reduction over DTensor leaves (a norm, a dot product) as a plain tensor; others unchanged.
+
+    Over sharded leaves a reduction comes back a DTensor, replicated or a
+    pending sum (``Partial``); its full value costs at most one all-reduce,
+    and as a plain tensor it mixes with the step's other scalars (counts,
+    flags), as one process's would.
+    """
+    if torch.compiler.is_compiling():  # no DTensor reaches a compiled step
+        return x
+    dtensor = sys.modules.get("torch.distributed.tensor")  # none exists before it is imported
+    if dtensor is not None and isinstance(x, dtensor.DTensor):
+        return x.full_tensor()
+    return x
 
 
 def unit_squared_norms(

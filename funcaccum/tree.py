@@ -10,6 +10,10 @@ same structure, ``None`` in the same places; a mismatch raises optree's
 
 Reductions (:func:`global_norm`, :func:`vdot`, :func:`weighted_sum`) compute
 in at least float32, so bf16 and fp16 trees do not lose the sum to rounding.
+Over DTensor leaves (a sharded model's params, gradients and moments) the
+elementwise functions run on each rank's shard without communication, and
+:func:`global_norm` and :func:`vdot` return a plain 0-d tensor, the same on
+every rank, for one scalar all-reduce.
 
 The elementwise functions run one ``torch._foreach_*`` call over all leaves
 instead of one op per leaf: eagerly that is one dispatch for the whole tree,
@@ -33,7 +37,15 @@ import functools
 import optree
 import torch
 
-from ._tree import PyTree, Tree, accum_dtype, foreach_map, leaf_norms, sum_over_leaves
+from ._tree import (
+    PyTree,
+    Tree,
+    accum_dtype,
+    foreach_map,
+    leaf_norms,
+    replicated_value,
+    sum_over_leaves,
+)
 
 __all__ = [
     "add",
@@ -127,7 +139,7 @@ def vdot(a: PyTree, b: PyTree) -> torch.Tensor:
     products = optree.tree_map(
         lambda x, y: torch.sum(x.to(accum_dtype(x.dtype)) * y.to(accum_dtype(y.dtype))), a, b
     )
-    return sum_over_leaves(optree.tree_leaves(products))
+    return replicated_value(sum_over_leaves(optree.tree_leaves(products)))
 
 
 def global_norm(tree: PyTree) -> torch.Tensor:
@@ -149,7 +161,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     dtype = functools.reduce(torch.promote_types, by_dtype)
     # One foreach norm per dtype (each leaf reduced in at least float32), then the norm of norms.
     norms = [norm.to(dtype) for acc, leaves in by_dtype.items() for norm in leaf_norms(leaves, acc)]
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return replicated_value(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def weighted_sum(tree: Tree, weights: torch.Tensor, *, dtype: torch.dtype | None = None) -> Tree:
@@ -228,7 +240,10 @@ def select(pred: torch.Tensor, on_true: Tree, on_false: Tree) -> Tree:
     """Leafwise ``torch.where(pred, on_true, on_false)`` for a boolean 0-d ``pred``.
 
     The result is bit-identical to the chosen tree, so a rejected update leaves
-    state exactly as it was.
+    state exactly as it was. Eagerly, with ``pred`` on the CPU, reading it costs
+    no device synchronisation, so the chosen tree is returned as it is: no
+    ``where`` per leaf, and no copy (each ``where`` on a sharded DTensor leaf
+    costs a dispatch of its own).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> new, old = ({"w": torch.randn(2, 3, generator=g)} for _ in range(2))  # w: (2, 3)
@@ -238,4 +253,10 @@ def select(pred: torch.Tensor, on_true: Tree, on_false: Tree) -> Tree:
     >>> torch.equal(select(~finite, new, old)["w"], old["w"])
     True
     """
+    if (
+        not torch.compiler.is_compiling()
+        and pred.device.type == "cpu"
+        and not torch._C._functorch.is_functorch_wrapped_tensor(pred)
+    ):
+        return on_true if bool(pred) else on_false
     return optree.tree_map(lambda a, b: torch.where(pred, a, b), on_true, on_false)

@@ -8,8 +8,9 @@ import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MLP", "CharTransformer", "ConvNet", "TransformerBlock"]
+__all__ = ["GPT", "MLP", "Block", "CharTransformer", "ConvNet", "TransformerBlock"]
 
 
 class MLP(nn.Sequential):
@@ -89,3 +90,41 @@ class CharTransformer(nn.Module):
         )
         x = self.token_embedding(tokens) + self.position_embedding(positions)
         return self.head(self.norm(self.blocks(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: causal SDPA attention and a GELU MLP."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape  # (batch, time, features)
+        qkv = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (batch, heads, time, head_dim)
+        y = functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(functional.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    """GPT-2's shape: token and position embeddings, blocks, a final norm, an untied head."""
+
+    def __init__(
+        self, layers: int, d: int, heads: int, ctx: int, vocab: int, checkpointed: bool = False
+    ) -> None:
+        super().__init__()
+        self.checkpointed = checkpointed  # recompute each block's activations in the backward
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(ctx, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.wte(tokens) + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return self.head(self.ln_f(x))  # (batch, time, vocab)

@@ -127,3 +127,20 @@ def image_batch(n: int, seed: int = 1) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64) * 2 + 0.5  # (n, c, h, w)
     return {"x": x, "y": torch.randint(3, (n,), generator=g)}
+
+
+@pytest.fixture
+def one_process_group(tmp_path: Any) -> Any:
+    """A gloo group of one process, in this process, and its 1-d device mesh; destroyed after."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import funcaccum as fa
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1
+    )
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        fa.distributed.destroy_process_group()

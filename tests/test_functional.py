@@ -46,3 +46,30 @@ def test_frozen_parameters_are_buffers_and_tied_weights_appear_once() -> None:
     _, params, buffers = fa.functional_model(frozen)
     assert list(params) == ["weight"]
     assert list(buffers) == ["bias"]
+
+
+@pytest.mark.distributed
+def test_a_sharded_module_is_refused_where_functional_call_would_ignore_its_params(
+    one_process_group: object,
+) -> None:
+    """functional_call on an FSDP2 module runs on FSDP's params: zero gradients, no error."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fully_shard(model, mesh=one_process_group)
+    for use in (fa.functional_model, fa.ghost, lambda m: fa.load_into(m, params)):
+        with pytest.raises(
+            fa.FuncaccumError, match=r"the module itself went through FSDP2's fully_shard"
+        ):
+            use(model)
+    with pytest.raises(fa.FuncaccumError, match=r"funcaccum\.distributed\.FullyShardedStep"):
+        fa.functional_model(model)
+    # DTensor params without FSDP (tensor parallelism, say): refused as well.
+    plain = nn.Linear(3, 2).double()
+    plain.weight = nn.Parameter(
+        distribute_tensor(plain.weight.detach(), one_process_group, [Replicate()])
+    )
+    with pytest.raises(fa.FuncaccumError, match="the DTensor 'weight'"):
+        fa.functional_model(plain)

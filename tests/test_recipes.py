@@ -124,6 +124,33 @@ def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
     assert rows["examples per step"] == 64
 
 
+def test_sharded_under_torchrun_holds_half_of_data_parallel_on_each_rank(tmp_path: Path) -> None:
+    torchrun = (
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        free_port(),
+    )
+    result = run_recipe("sharded", tmp_path, "--sync", "step", launcher=torchrun)
+    assert result["stdout"].count("FSDP2 on 2 processes") == 1  # rank 0 alone prints
+    rows = {row[0]: row[1] for row in result["rows"]}
+    assert rows["optimizer steps"] == 4
+    assert rows["replicated values equal on every rank"] is True
+    assert rows["final loss (global batch)"] < rows["first loss"]
+    for what in ("params", "optimizer state"):
+        replicated = rows[f"{what}: DataParallel bytes per rank"]
+        shards = [rows[f"{what}: sharded bytes, rank {r}"] for r in range(2)]
+        scalars = (
+            0 if what == "params" else replicated - 2 * rows["params: DataParallel bytes per rank"]
+        )
+        assert [s - scalars for s in shards] == [(replicated - scalars) // 2] * 2
+    assert len(result["metrics"]) == 4
+
+
 def test_resnet_bn_trains_as_the_seeds_loop(tmp_path: Path) -> None:
     result = run_recipe("resnet_bn", tmp_path)
     rows = result["by_name"]
