@@ -11,6 +11,7 @@ import optree
 import torch
 
 from ._errors import FuncaccumError
+from ._privacy import GaussianMechanism
 from ._tree import PyTree, accum_dtype, tree_device
 from ._validate import check_state
 
@@ -63,6 +64,9 @@ class CarryRule(NamedTuple):
             once per optimizer step with the typed stats the reducer's
             ``finalize`` returned; returns the new carry, the stats to report
             and a :class:`Control`.
+        skip: ``skip(carry) -> carry``: the carry after a skipped (non-finite)
+            step; None keeps it as it was. A privacy ledger counts the step,
+            whose noise was drawn on sampled data all the same.
 
     Example:
         A carry that counts optimizer steps and reports the count:
@@ -81,6 +85,7 @@ class CarryRule(NamedTuple):
 
     init: Callable[[PyTree], Any]
     update: Callable[[Any, Stats], tuple[Any, Stats, Control]]
+    skip: Callable[[Any], Any] | None = None
 
 
 class BatchControl(NamedTuple):
@@ -131,6 +136,11 @@ class Reducer(NamedTuple):
             it. None if unsupported.
         batch_control: what :class:`~funcaccum.AdaptiveBatching` reads to
             choose K (:class:`BatchControl`), or None.
+        privacy: the Gaussian mechanism a noised reducer applies
+            (:class:`~funcaccum.privacy.GaussianMechanism`: its unit,
+            sensitivity and noise), which :class:`~funcaccum.Accumulation`
+            and :class:`~funcaccum.distributed.DataParallel` check the
+            configuration against; None for a reducer that adds no noise.
 
     Example:
         The weighted *sum* rather than the mean: :func:`~funcaccum.mean` with
@@ -145,7 +155,8 @@ class Reducer(NamedTuple):
         >>> fa.accumulate(loss_fn, params, batch, reducer=total, num_microbatches=3).grads["w"]
         tensor([6., 6.])
         >>> fa.extend.Reducer._fields
-        ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control')
+        ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control',
+         'privacy')
     """
 
     init: Callable[[PyTree], Any]
@@ -155,6 +166,7 @@ class Reducer(NamedTuple):
     carry: CarryRule | None = None
     update_by_norms: Callable[..., Any] | None = None
     batch_control: BatchControl | None = None
+    privacy: GaussianMechanism | None = None
 
 
 class Maximum(NamedTuple):
