@@ -133,6 +133,13 @@ class Accumulation:
                 "of examples sampled together (one user's data) as the unit, pass "
                 "clipped_mean(..., unit='microbatch') with microbatch_size=m."
             )
+        if self.has_state:
+            raise FuncaccumError(
+                "clipped_mean(noise_multiplier=...) with has_state=True: a model state such as "
+                "batch norm's running statistics is updated from the data without noise, so it "
+                "would publish what the noise protects; use a normalisation without running "
+                "statistics (GroupNorm, LayerNorm) for private training"
+            )
         if mechanism.unit == "microbatch" and self.microbatch_size is None:
             raise FuncaccumError(
                 "clipped_mean(unit='microbatch') protects fixed groups of examples: give "

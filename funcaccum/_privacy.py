@@ -53,6 +53,21 @@ class PrivacyLedger(NamedTuple):
         max_batch_size: the cap on a batch's units, 0 for none (int64): a
             capped batch is accounted as truncated Poisson sampling.
         delta: the delta epsilon is reported at (float64).
+
+    Example:
+        >>> import torch
+        >>> import funcaccum as fa
+        >>> from funcaccum import privacy
+        >>> accounting = privacy.Accounting(dataset_size=100, sample_rate=0.04, delta=1e-5)
+        >>> reducer = fa.clipped_mean(1.0, noise_multiplier=1.0, accounting=accounting)
+        >>> step = fa.train_step(lambda p, b: (b @ p["w"]).mean(), optimizer=fa.optim.sgd(0.1),
+        ...                      accumulation=fa.Accumulation(reducer=reducer, microbatch_size=1))
+        >>> state = step.init({"w": torch.zeros(2)})
+        >>> for _ in range(3):
+        ...     state, metrics = step(state, torch.ones(4, 2))   # 4 microbatches, 1 step each
+        >>> ledger = state.reducer_carry
+        >>> isinstance(ledger, privacy.PrivacyLedger), int(ledger.steps)
+        (True, 3)
     """
 
     steps: torch.Tensor
@@ -154,6 +169,13 @@ class GaussianMechanism(NamedTuple):
         denominator: the fixed number the noised sum is divided by.
         generator: the generator the noise is drawn from; None for torch's global one.
         accounting: how units are sampled, for the ledger; or None (no ledger).
+
+    Example:
+        >>> import funcaccum as fa
+        >>> from funcaccum import privacy
+        >>> mechanism = fa.clipped_mean(0.5, noise_multiplier=2.0, denominator=64).privacy
+        >>> isinstance(mechanism, privacy.GaussianMechanism), mechanism.unit, mechanism.noise_std
+        (True, 'example', 1.0)
     """
 
     unit: Unit

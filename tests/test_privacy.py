@@ -95,6 +95,11 @@ def test_one_weighted_unit_moves_the_clipped_sum_by_at_most_the_sensitivity() ->
     torch.testing.assert_close(weighted, batch["mask"][8].sum().double() * max_norm)
 
 
+def test_a_model_state_updated_without_noise_is_refused() -> None:
+    with pytest.raises(fa.FuncaccumError, match="running statistics is updated from the data"):
+        fa.Accumulation(reducer=noised(), microbatch_size=1, has_state=True)
+
+
 def test_a_fixed_group_is_one_unit_and_a_cut_group_is_refused() -> None:
     reducer = noised(0.05, unit="microbatch")
     with pytest.raises(fa.FuncaccumError, match="give microbatch_size=m"):
@@ -430,3 +435,16 @@ def test_token_weighted_dp_step_uses_each_example_once_with_weight_one() -> None
     factor = (max_norm / norms).clamp(max=1.0)
     want = {k: torch.einsum("i,i...->...", factor, g) / 6.0 for k, g in per.grads.items()}
     torch.testing.assert_close(got.grads, want, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.compile
+def test_noise_from_a_generator_inside_a_compiled_update_is_refused() -> None:
+    """torch.compile cannot trace a torch.Generator: the refusal says what to do."""
+    step = dp_step(noised())
+    state = step.init(mlp_params())
+    batch = classification_batch(8)
+    step(state, batch)  # eagerly it runs
+    torch._dynamo.reset()
+    compiled = torch.compile(step.step, fullgraph=True, backend="eager")
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"noise from a torch\.Generator runs"):
+        compiled(state, batch)

@@ -248,6 +248,12 @@ class DataParallel:
     microbatches. A skipped step keeps the old state on every rank.
     docs/scaling.md compares this with DDP's and ``SyncBatchNorm``'s choices.
 
+    A noised reducer (``clipped_mean(noise_multiplier=...)``) adds its noise
+    after the merge, on every rank: it needs its own generator, which
+    :meth:`init` puts in rank 0's state everywhere, so every rank draws the
+    same noise even when the ranks are seeded apart; torch's global generator
+    is refused (docs/privacy.md).
+
     When a peer dies or stalls, the collective fails or times out after
     ``timeout`` seconds, and every surviving rank raises :class:`FuncaccumError`
     instead of hanging. ``fold`` and ``apply`` run compiled as the step's

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from .._errors import FuncaccumError
@@ -25,6 +28,19 @@ def _dp_accounting() -> Any:
             "privacy accounting uses dp-accounting, which is not installed: "
             "python -m pip install dp-accounting (funcaccum's 'privacy' extra)"
         ) from error
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """dp-accounting logs a warning for each RDP order whose series it leaves out (a small
+    fractional order at a small sigma); the bound stays valid without it, so not per call."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _event(
@@ -118,7 +134,8 @@ def epsilon(ledger: PrivacyLedger, *, accountant: AccountantName | None = None) 
     event = _event(
         dp, float(ledger.sample_rate), float(ledger.noise_multiplier), int(ledger.dataset_size), cap
     )
-    return float(fresh.compose(event, steps).get_epsilon(float(ledger.delta)))
+    with _quiet():
+        return float(fresh.compose(event, steps).get_epsilon(float(ledger.delta)))
 
 
 def calibrate_noise(
@@ -168,16 +185,17 @@ def calibrate_noise(
         )
         return dp.dp_event.SelfComposedDpEvent(step, steps)
 
-    sigma = float(
-        dp.calibrate_dp_mechanism(
-            lambda: _fresh(dp, accountant, capped),
-            make_event,
-            target_epsilon,
-            accounting.delta,
-            dp.LowerEndpointAndGuess(tol, 1.0),
-            tol=tol,
+    with _quiet():
+        sigma = float(
+            dp.calibrate_dp_mechanism(
+                lambda: _fresh(dp, accountant, capped),
+                make_event,
+                target_epsilon,
+                accounting.delta,
+                dp.LowerEndpointAndGuess(tol, 1.0),
+                tol=tol,
+            )
         )
-    )
     # Brent's method lands within tol of the boundary, on either side: step onto the safe one.
     while epsilon(accounting.ledger(sigma, steps), accountant=accountant) > target_epsilon:
         sigma += tol
