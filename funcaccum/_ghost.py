@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, NamedTuple, cast
@@ -53,18 +54,22 @@ def _units(t: torch.Tensor, count: int) -> torch.Tensor:
 def _linear(module: nn.Linear, x: torch.Tensor, delta: torch.Tensor, count: int) -> LayerResult:
     x, delta = _units(x, count), _units(delta, count)  # (c, L, in), (c, L, out)
     length, fan_in, fan_out = x.shape[1], x.shape[2], delta.shape[2]
-    if length * (fan_in + fan_out) <= fan_in * fan_out:
+    if length == 1:  # one row per unit (an MLP on examples): |d x^T|^2 = |d|^2 |x|^2
+        squares = torch.sum(x * x, dim=(1, 2)) * torch.sum(delta * delta, dim=(1, 2))
+    elif length * (fan_in + fan_out) < fan_in * fan_out:
         # Ghost norm: |sum_t d_t x_t^T|^2 = sum_{t,s} (d_t . d_s)(x_t . x_s), no (out, in) per unit.
         squares = torch.sum((x @ x.transpose(1, 2)) * (delta @ delta.transpose(1, 2)), dim=(1, 2))
-    else:
-        squares = torch.sum(torch.square(delta.transpose(1, 2) @ x), dim=(1, 2))
+    else:  # the per-unit gradients themselves, (c, out, in), when no larger
+        squares = torch.linalg.vector_norm(delta.transpose(1, 2) @ x, dim=(1, 2)) ** 2
     bias = delta.sum(1)  # (c, out)
     if module.bias is not None:
         squares = squares + torch.sum(bias * bias, dim=1)
 
     def weighted_sum(coefficients: torch.Tensor) -> dict[str, torch.Tensor]:
-        scaled = delta * coefficients[:, None, None]
-        out = {"weight": scaled.flatten(0, 1).T @ x.flatten(0, 1)}
+        # sum_u c_u d_u^T x_u as one matrix product, the coefficients on the narrower side.
+        scale = coefficients[:, None, None]
+        d, xs = (delta, x * scale) if fan_in < fan_out else (delta * scale, x)
+        out = {"weight": d.flatten(0, 1).T @ xs.flatten(0, 1)}
         if module.bias is not None:
             out["bias"] = coefficients @ bias
         return out
@@ -146,6 +151,27 @@ def _rule(module: nn.Module) -> Callable[..., LayerResult] | None:
     return None
 
 
+class Tap(NamedTuple):
+    """What ghost records of a tapped layer in a forward pass.
+
+    Attributes:
+        x: the layer's input, per example.
+        target: the tensor its output gradient is taken with respect to: the
+            output, or a zero probe added to it.
+        version: the output's version counter when recorded (None for a
+            probe), to catch an in-place change after it.
+    """
+
+    x: torch.Tensor
+    target: torch.Tensor
+    version: int | None
+
+
+# The layers each (module, loss) pair probes, once checked: modules and losses weakly held.
+_CHECKED: weakref.WeakKeyDictionary[nn.Module, weakref.WeakKeyDictionary[Any, Any]] = (
+    weakref.WeakKeyDictionary()
+)
+
 ExampleWeights = Callable[[PyTree], torch.Tensor]
 """``example_weights(batch) -> (n,)``: each example's share of a weighted loss (valid tokens)."""
 
@@ -168,19 +194,26 @@ class Ghost(NamedTuple):
     example_weights: ExampleWeights | None = None
 
     @contextmanager
-    def _tapped(self, examples: int) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """Hooks that record each tapped layer's input and add a zero probe to its output.
+    def _tapped(
+        self, examples: int, probed: frozenset[str] = frozenset()
+    ) -> Iterator[dict[str, Tap]]:
+        """Hooks that record each tapped layer's input and what its output gradient is taken by.
 
-        A position embedding looked up once for the whole batch (ids ``(t,)``
-        or ``(1, t)``) gets a probe with a batch dimension, so each example's
-        output gradient stays its own; the output broadcasts as it would.
+        That is the output itself (the layer's params are leaves that require
+        grad, so it is in the graph): no copy. A layer whose output is later
+        modified in place (``probed``: an in-place activation after it) gets a
+        zero probe added to its output instead, whose gradient is the
+        output's; so does a position embedding looked up once for the whole
+        batch (ids ``(t,)`` or ``(1, t)``), its probe with a batch dimension,
+        so each example's output gradient stays its own (the output
+        broadcasts as it would).
         """
-        taps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        taps: dict[str, Tap] = {}
 
-        def hook(name: str) -> Callable[..., torch.Tensor]:
+        def hook(name: str) -> Callable[..., torch.Tensor | None]:
             def record(
                 module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
-            ) -> torch.Tensor:
+            ) -> torch.Tensor | None:
                 if name in taps:
                     raise _ran_twice(name)
                 x = args[0]
@@ -188,9 +221,12 @@ class Ghost(NamedTuple):
                     x = x.reshape(1, -1).expand(examples, -1)
                     shape = (examples, *output.shape[-2:])
                     probe = output.new_zeros(shape).requires_grad_()
-                else:
+                elif name in probed or not output.requires_grad:
                     probe = torch.zeros_like(output, requires_grad=True)
-                taps[name] = (x.detach(), probe)
+                else:
+                    taps[name] = Tap(x.detach(), output, output._version)
+                    return None
+                taps[name] = Tap(x.detach(), probe, None)
                 return output + probe
 
             return record
@@ -231,7 +267,9 @@ class Ghost(NamedTuple):
             )
         if spec.batch_dim != 0:
             raise FuncaccumError("strategy=ghost(...) needs batch leaves with batch_dim=0")
-        checked: list[bool] = []  # the loss is checked once, on the first group it sees
+        # The loss is checked once, on the first group it sees; that also finds the layers whose
+        # outputs are modified in place, which get a probe.
+        probed: list[frozenset[str]] = []
 
         def run(
             params: PyTree, state: FoldState, group: MicrobatchGroup, model_state: PyTree
@@ -248,14 +286,15 @@ class Ghost(NamedTuple):
                     "strategy=ghost(module) needs params as functional_model(module) gives "
                     "them: a dict keyed by the module's parameter names"
                 )
-            if not checked:
-                self._check_loss(folder, params, group)
-                checked.append(True)
+            if not probed:
+                probed.append(self._checked(folder, params, group))
             chunk = group.count if self.chunk_size is None else self.chunk_size
             for start in range(0, group.count, chunk):
                 units = optree.tree_map(lambda x, s=start: x[s : s + chunk], group.batch)
                 count = optree.tree_leaves(units)[0].shape[0]
-                loss_sum, norms, weights, parts = self._chunk(folder, params, units, count)
+                loss_sum, norms, weights, parts = self._chunk(
+                    folder, params, units, count, probed[0]
+                )
 
                 def weighted_sum(coefficients: torch.Tensor, parts: list = parts) -> PyTree:
                     found: dict[str, torch.Tensor] = {}
@@ -274,6 +313,22 @@ class Ghost(NamedTuple):
             return state, MicrobatchOutput(nan, torch.full_like(nan, group.size)), model_state
 
         return run
+
+    def _checked(
+        self, folder: Folder, params: dict[str, torch.Tensor], group: MicrobatchGroup
+    ) -> frozenset[str]:
+        """:meth:`_check_loss`, once per module, loss and weighting (``accumulate`` builds a
+        runner per call; a step, one per run)."""
+        key = (folder.spec.has_weight, self.example_weights)
+        seen = _CHECKED.setdefault(self.module, weakref.WeakKeyDictionary())
+        try:
+            known = seen.get(folder.loss_fn, {})
+        except TypeError:  # a loss that cannot be weakly referenced: checked every time
+            return self._check_loss(folder, params, group)
+        if key not in known:
+            known = {**known, key: self._check_loss(folder, params, group)}
+            seen[folder.loss_fn] = known
+        return known[key]
 
     def _weights(self, batch: PyTree, examples: int) -> torch.Tensor | None:
         """Each example's weight from ``example_weights`` (checked: ``(examples,)``), or None."""
@@ -294,8 +349,9 @@ class Ghost(NamedTuple):
         params: dict[str, torch.Tensor],
         units: PyTree,
         count: int,
+        probed: frozenset[str],
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[WeightedSum]]:
-        """One forward and one backward (to the probes only) over ``count`` units.
+        """One forward and one backward (to the layers' outputs only) over ``count`` units.
 
         Returns the weighted loss sum, each unit's gradient norm and weight,
         and the pieces of ``sum_u c_u g_u``, parameter by parameter.
@@ -305,8 +361,11 @@ class Ghost(NamedTuple):
         examples = optree.tree_leaves(flat)[0].shape[0]
         size = examples // count  # examples per unit
         example_weights = self._weights(flat, examples)
-        with torch.enable_grad(), self._tapped(examples) as taps:
-            out = loss_fn(params, flat)
+        # The tapped layers' params as leaves that require grad, so their outputs are in the
+        # graph; the backward asks for the outputs' gradients only, never the weights'.
+        leaves = {n: params[n].detach().requires_grad_() for ns in self.layers.values() for n in ns}
+        with torch.enable_grad(), self._tapped(examples, probed) as taps:
+            out = loss_fn({**params, **leaves}, flat)
             loss, weight = out if has_weight else (out, None)
             if self.layers and not taps:
                 raise _not_run()
@@ -320,10 +379,19 @@ class Ghost(NamedTuple):
             total = loss * unit_weights.sum().to(loss.dtype)
             # A layer whose input is not per example (and not a shared position lookup) gets
             # its output gradient summed over examples: its parameters take the general path.
-            shared = [n for n in taps if taps[n][0].shape[:1] != (examples,)]
+            shared = [n for n in taps if taps[n].x.shape[:1] != (examples,)]
             names = [n for n in taps if n not in shared]
-            probes = [taps[n][1] for n in names]
-            deltas = torch.autograd.grad(total, probes, allow_unused=True) if probes else ()
+            for name in names:
+                tap = taps[name]
+                if tap.version is not None and tap.target._version != tap.version:
+                    raise FuncaccumError(
+                        f"the output of layer {name!r} was modified in place after it ran (an "
+                        "in-place activation?) in this step but not in the first: ghost takes "
+                        "its gradient by that output. Make the model's in-place ops unconditional "
+                        "or out of place."
+                    )
+            targets = [taps[n].target for n in names]
+            deltas = torch.autograd.grad(total, targets, allow_unused=True) if targets else ()
         # Unit u's gradient is of its own loss, sum_{i in u} w_i l_i / W_u: scale by 1 / W_u
         # (0 for a unit of weight 0, all padding, which adds nothing).
         scale = torch.where(unit_weights > 0, 1 / unit_weights, 0)
@@ -333,7 +401,7 @@ class Ghost(NamedTuple):
         for name, delta in zip(names, deltas, strict=True):
             if delta is None:  # the layer does not reach the loss
                 continue
-            module, (x, _) = self.module.get_submodule(name), taps[name]
+            module, x = self.module.get_submodule(name), taps[name].x
             rule = _rule(module)
             assert rule is not None  # ghost() taps only layers that have a rule
             upcast = torch.promote_types(delta.dtype, torch.float32)
@@ -381,8 +449,11 @@ class Ghost(NamedTuple):
 
     def _check_loss(
         self, folder: Folder, params: dict[str, torch.Tensor], group: MicrobatchGroup
-    ) -> None:
+    ) -> frozenset[str]:
         """Refuse a loss ghost would get wrong, on the first units it sees (once per runner).
+
+        Returns the layers whose outputs the model modifies in place, which
+        ghost then probes (:meth:`_tapped`).
 
         - its value on several units must be their weighted mean (a mean over
           examples; with ``has_weight``, ``sum_u W_u L_u / sum_u W_u`` with
@@ -408,6 +479,9 @@ class Ghost(NamedTuple):
             loss, whole_weight = value({**params, **leaves}, flat)
         if self.layers and not records:
             raise _not_run()
+        probed = frozenset(
+            name for name, (_, _, _, out, version) in records.items() if out._version != version
+        )
         outside = _used_outside(loss, records, {id(leaf): tapped[n] for n, leaf in leaves.items()})
         if outside is not None:
             name = next(n for n, leaf in leaves.items() if id(leaf) == outside)
@@ -449,30 +523,32 @@ class Ghost(NamedTuple):
                         )
                         + "; or use strategy=vmap() or scan(), which take each unit apart"
                     )
-            if any(shared for _, _, shared in records.values()):
+            if any(record[2] for record in records.values()):
                 with self._tapped(examples):
-                    probed, _ = value(params, flat)
-                if not _close(probed, whole):
+                    tapped_loss, _ = value(params, flat)
+                if not _close(tapped_loss, whole):
                     raise FuncaccumError(
                         "ghost's taps changed the loss: a position embedding shared by the batch "
                         "got a batch dimension, and the model uses its output in a way that "
                         "depends on the shape. Use strategy=vmap() or scan()."
                     )
+        return probed
 
     @contextmanager
-    def _recorded(self, examples: int) -> Iterator[dict[str, tuple[Any, Any, bool]]]:
+    def _recorded(self, examples: int) -> Iterator[dict[str, tuple[Any, Any, bool, Any, int]]]:
         """Hooks that record each tapped layer's output and input autograd nodes.
 
-        And whether it is an embedding looked up with ids the batch shares.
+        And whether it is an embedding looked up with ids the batch shares,
+        and its output with the output's version counter then.
         """
-        records: dict[str, tuple[Any, Any, bool]] = {}
+        records: dict[str, tuple[Any, Any, bool, Any, int]] = {}
 
         def hook(name: str) -> Callable[..., None]:
             def record(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
                 if name in records:
                     raise _ran_twice(name)
                 shared = _shared_ids(module, args[0], examples)
-                records[name] = (output.grad_fn, args[0].grad_fn, shared)
+                records[name] = (output.grad_fn, args[0].grad_fn, shared, output, output._version)
 
             return record
 
@@ -542,7 +618,7 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _used_outside(
-    loss: torch.Tensor, records: dict[str, tuple[Any, Any, bool]], owner: dict[int, str]
+    loss: torch.Tensor, records: dict[str, tuple[Any, Any, bool, Any, int]], owner: dict[int, str]
 ) -> int | None:
     """The id of a tapped parameter the loss reaches other than through its own layer, or None.
 
@@ -551,8 +627,8 @@ def _used_outside(
     node; a parameter's leaf reached from anywhere but inside its own layer is
     used elsewhere too.
     """
-    outputs = {out: layer for layer, (out, _, _) in records.items() if out is not None}
-    inputs = {layer: inp for layer, (_, inp, _) in records.items()}
+    outputs = {record[0]: layer for layer, record in records.items() if record[0] is not None}
+    inputs = {layer: record[1] for layer, record in records.items()}
     stack: list[tuple[Any, str | None]] = [(loss.grad_fn, None)]
     seen: set[tuple[Any, str | None]] = set()
     while stack:

@@ -141,15 +141,15 @@ def test_ghost_chunk_size_one_is_one_microbatch_per_pass() -> None:
     passes = []
     handle = model[0].register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
     try:
-        for chunk_size, sizes in ((1, [1] * 12), (5, [5, 5, 2]), (None, [12])):
+        for index, (chunk_size, sizes) in enumerate(((1, [1] * 12), (5, [5, 5, 2]), (None, [12]))):
             passes.clear()
             got = fa.accumulate(
                 loss_fn, params, batch, reducer=reducer, microbatch_size=1,
                 strategy=fa.ghost(model, chunk_size=chunk_size),
             )  # fmt: skip
-            # The first group's first 3 units are checked once (docs: ghost checks its loss):
-            # together (with grad), then one by one.
-            assert passes == [3, 1, 1, 1, *sizes]
+            # The loss is checked once per module and loss, on the first group's first 3 units
+            # (docs: ghost checks its loss): together (with grad), then one by one.
+            assert passes == [*([3, 1, 1, 1] if index == 0 else []), *sizes]
             # Ghost takes its norms in float32, so the clip factors match to float32 precision.
             assert_trees_allclose(got.grads, want.grads, rtol=1e-5, atol=1e-8)
     finally:
@@ -238,6 +238,8 @@ RULE_CASES = [
     pytest.param(
         lambda: (nn.Linear(8, 8, bias=False), torch.randn(6, 2, 8)), id="linear-ghost-no-bias"
     ),
+    # Linear with one row per unit (an MLP): |d|^2 |x|^2.
+    pytest.param(lambda: (nn.Linear(5, 3), torch.randn(3, 5)), id="linear-one-row"),
     # Linear with a long unit: the direct form.
     pytest.param(lambda: (nn.Linear(3, 2), torch.randn(9, 4, 3)), id="linear-direct"),
     pytest.param(
