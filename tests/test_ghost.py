@@ -467,3 +467,26 @@ def test_ghost_explains_a_vmap_failure_in_its_general_path() -> None:
             loss_fn, params, batch, reducer=fa.clipped_mean(0.3), microbatch_size=1,
             strategy=fa.ghost(model),
         )  # fmt: skip
+
+
+def test_ghost_probes_a_layer_whose_output_is_changed_in_place() -> None:
+    """ReLU(inplace=True) rewrites the Linear's output: its gradient is then taken by a probe."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        return functional.cross_entropy(apply(params, buffers, batch[0]), batch[1])
+
+    g = torch.Generator().manual_seed(1)
+    batch = (
+        torch.randn(10, 4, generator=g, dtype=torch.float64),
+        torch.randint(3, (10,), generator=g),
+    )
+    reducer = fa.clipped_mean(1.3)
+    want = fa.accumulate(loss_fn, params, batch, reducer=reducer, microbatch_size=1)
+    got = fa.accumulate(
+        loss_fn, params, batch, reducer=reducer, microbatch_size=1, strategy=fa.ghost(model)
+    )
+    assert_trees_allclose(got.grads, want.grads, rtol=1e-12, atol=1e-14)
+    assert 0 < want.stats.clip_fraction < 1
