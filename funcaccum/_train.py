@@ -84,8 +84,9 @@ class StepMetrics(NamedTuple):
         """The figures by name, for a log: the step's own, then the reducer's stats.
 
         A statistic named like one of the step's figures is logged as
-        ``"stats.<name>"``, never in its place; ``aux`` and a missing learning
-        rate are left out.
+        ``"stats.<name>"``, never in its place; a statistic that is itself a
+        record (the privacy ledger) by dotted names (``"privacy.steps"``);
+        ``aux``, a missing learning rate and None statistics are left out.
 
         Example:
             >>> import funcaccum as fa
