@@ -110,6 +110,42 @@ class Accumulation:
             check_bool(flag, getattr(self, flag))
         for dim in optree.tree_leaves(self.batch_dim):
             check_int("batch_dim", dim)
+        self._check_privacy_unit()
+
+    def _check_privacy_unit(self) -> None:
+        """A noised reducer's unit must be what a microbatch holds, or its noise is too small."""
+        mechanism = self.reducer.privacy
+        if mechanism is None:
+            return
+        if mechanism.unit == "example" and self.microbatch_size != 1:
+            got = (
+                f"num_microbatches={self.num_microbatches}"
+                if self.num_microbatches is not None
+                else f"microbatch_size={self.microbatch_size}"
+                if self.microbatch_size is not None
+                else "no split (the whole batch is one microbatch)"
+            )
+            raise FuncaccumError(
+                "clipped_mean(noise_multiplier=...) protects one example, so each microbatch "
+                f"must hold one: microbatch_size=1; got {got}. A microbatch of m examples is "
+                "clipped as one, and since microbatches are cut by position, adding or removing "
+                "one example regroups the rest: the noise would not cover it. For a fixed group "
+                "of examples sampled together (one user's data) as the unit, pass "
+                "clipped_mean(..., unit='microbatch') with microbatch_size=m."
+            )
+        if self.has_state:
+            raise FuncaccumError(
+                "clipped_mean(noise_multiplier=...) with has_state=True: a model state such as "
+                "batch norm's running statistics is updated from the data without noise, so it "
+                "would publish what the noise protects; use a normalisation without running "
+                "statistics (GroupNorm, LayerNorm) for private training"
+            )
+        if mechanism.unit == "microbatch" and self.microbatch_size is None:
+            raise FuncaccumError(
+                "clipped_mean(unit='microbatch') protects fixed groups of examples: give "
+                "microbatch_size=m, the group size (num_microbatches would cut groups by the "
+                "batch's size)"
+            )
 
     @property
     def spec(self) -> LossSpec:
@@ -117,11 +153,28 @@ class Accumulation:
         return LossSpec(self.has_aux, self.has_weight, self.has_state, self.batch_dim)
 
     def plan(self, batch: PyTree) -> tuple[tuple[int, int], ...]:
-        """The ``(count, size)`` groups ``batch`` splits into, checked, without touching data."""
-        return plan_microbatches(batch_size(batch, self.batch_dim), **self._split())
+        """The ``(count, size)`` groups ``batch`` splits into, checked, without touching data.
+
+        An empty batch is refused, except with a noised reducer, for which it
+        is no group at all (a Poisson batch may be empty: the step is noise only).
+        """
+        size = batch_size(batch, self.batch_dim)
+        mechanism = self.reducer.privacy
+        if mechanism is not None:
+            if size == 0:
+                return ()
+            if mechanism.unit == "microbatch" and size % (self.microbatch_size or 1):
+                raise FuncaccumError(
+                    f"clipped_mean(unit='microbatch') clips fixed groups of "
+                    f"microbatch_size={self.microbatch_size} examples, but the batch holds "
+                    f"{size}, not a multiple: a group was cut. Sample whole groups."
+                )
+        return plan_microbatches(size, **self._split())
 
     def split(self, batch: PyTree) -> list[MicrobatchGroup]:
         """``batch`` in groups of equal-size microbatches (no split given: one microbatch)."""
+        if self.reducer.privacy is not None and not self.plan(batch):
+            return []  # an empty batch, which only a noised reducer accepts
         return _split_microbatches(batch, **self._split(), batch_dim=self.batch_dim)
 
     def _split(self) -> dict[str, int | None]:
@@ -225,7 +278,8 @@ class Runner:
                 outputs.append(out.aux)
         finally:
             self.folder.own(None)  # what is returned is the caller's
-        return Folded(state, model_state, concat(outputs) if accumulation.has_aux else None)
+        aux = concat(outputs) if accumulation.has_aux and outputs else None
+        return Folded(state, model_state, aux)
 
 
 def accumulate(

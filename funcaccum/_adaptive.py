@@ -19,7 +19,7 @@ from ._reducer import (
     scalar_zeros,
     typed_merge,
 )
-from ._tree import PyTree, accumulator_like, leaf_norms, unit_squared_norms
+from ._tree import Leaves, PyTree, accumulator_like, leaf_norms, unit_squared_norms
 from ._validate import check_dtype, check_int, check_real, check_state
 
 __all__ = [
@@ -317,11 +317,11 @@ def adaptive(
             # summed in the statistics' dtype, whatever K or the number of leaves.
             weight = weight.to(scalars)
             leaves, treedef = optree.tree_flatten(state.square_sum)
-            norms = leaf_norms(treedef.flatten_up_to(grads), scalars)
-            squares = torch.stack(leaves) + weight * torch.stack(norms).square()
+            norms = Leaves(leaf_norms(treedef.flatten_up_to(grads), scalars), fresh=True)
+            squares = Leaves(leaves).addmul(norms.mul_(norms), weight)
             return AdaptiveState(
                 tree.add_weighted(state.grad_sum, grads, weight, donate=donate),
-                optree.tree_unflatten(treedef, list(squares.unbind())),
+                optree.tree_unflatten(treedef, squares.tensors),
                 state.weight_sum + weight,
                 state.unit_count + (weight > 0),
             )
@@ -351,10 +351,11 @@ def adaptive(
         check_state(state, AdaptiveState, owner="adaptive()", role="update")
         weight = weight.to(scalars)
         leaves, treedef = optree.tree_flatten(state.square_sum)
-        totals = torch.stack(leaves) + weight * squares.to(scalars).sum(0)
+        # Separate tensors, not views of one: a compiled loop refuses aliased carries.
+        totals = Leaves(leaves).addmul(Leaves(squares.to(scalars).sum(0).unbind()), weight)
         return AdaptiveState(
             tree.add_weighted(state.grad_sum, grad_sum, weight, donate=donate),
-            optree.tree_unflatten(treedef, list(totals.unbind())),
+            optree.tree_unflatten(treedef, totals.tensors),
             state.weight_sum + weight * count,
             state.unit_count + (weight > 0) * count,
         )

@@ -8,8 +8,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from ._privacy import PrivacyLedger
 from ._train import StepMetrics, TrainState, TrainStep
 from ._tree import PyTree
+from .privacy import epsilon as _epsilon
 
 __all__ = ["EpochSummary", "run_epoch"]
 
@@ -24,6 +26,9 @@ class EpochSummary(NamedTuple):
         steps: optimizer steps applied.
         skipped: steps skipped as non-finite.
         last: the last step's metrics (None for an epoch without steps).
+        epsilon: with a noised ``clipped_mean(accounting=...)``, the epsilon
+            spent by the end of the epoch, the whole run so far, at the
+            ledger's delta (computed once, at the end); else None.
     """
 
     loss: torch.Tensor
@@ -31,6 +36,7 @@ class EpochSummary(NamedTuple):
     steps: int
     skipped: int
     last: StepMetrics | None
+    epsilon: float | None = None
 
 
 def run_epoch(
@@ -83,14 +89,17 @@ def run_epoch(
             state, metrics = step(state, batch)
             skipped = metrics.skipped
             weight = torch.where(skipped, 0, metrics.weight.double())
-            loss = torch.where(skipped, 0, metrics.loss.double())
+            # An empty (noise-only) batch has weight 0 and no loss: it adds nothing.
+            loss = torch.where(skipped | (weight == 0), 0, metrics.loss.double())
             totals = totals.to(weight.device) + torch.stack([loss * weight, weight, skipped])
             steps += 1
             if progress:
                 advance(float(totals[0] / totals[1]))
     skipped_steps = int(totals[2])
+    ledger = state.reducer_carry
+    spent = _epsilon(ledger) if isinstance(ledger, PrivacyLedger) else None
     summary = EpochSummary(
-        totals[0] / totals[1], totals[1], steps - skipped_steps, skipped_steps, metrics
+        totals[0] / totals[1], totals[1], steps - skipped_steps, skipped_steps, metrics, spent
     )
     return state, summary
 

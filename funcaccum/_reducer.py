@@ -11,6 +11,7 @@ import optree
 import torch
 
 from ._errors import FuncaccumError
+from ._privacy import GaussianMechanism
 from ._tree import PyTree, accum_dtype, tree_device
 from ._validate import check_state
 
@@ -64,6 +65,9 @@ class CarryRule(NamedTuple):
             once per optimizer step with the typed stats the reducer's
             ``finalize`` returned; returns the new carry, the stats to report
             and a :class:`Control`.
+        skip: ``skip(carry) -> carry``: the carry after a skipped (non-finite)
+            step; None keeps it as it was. A privacy ledger counts the step,
+            whose noise was drawn on sampled data all the same.
 
     Example:
         A carry that counts optimizer steps and reports the count:
@@ -82,6 +86,7 @@ class CarryRule(NamedTuple):
 
     init: Callable[[PyTree], Any]
     update: Callable[[Any, Stats], tuple[Any, Stats, Control]]
+    skip: Callable[[Any], Any] | None = None
 
 
 class BatchControl(NamedTuple):
@@ -153,6 +158,11 @@ class Reducer(NamedTuple):
             it. None if unsupported.
         batch_control: what :class:`~funcaccum.AdaptiveBatching` reads to
             choose K (:class:`BatchControl`), or None.
+        privacy: the Gaussian mechanism a noised reducer applies
+            (:class:`~funcaccum.privacy.GaussianMechanism`: its unit,
+            sensitivity and noise), which :class:`~funcaccum.Accumulation`
+            and :class:`~funcaccum.distributed.DataParallel` check the
+            configuration against; None for a reducer that adds no noise.
         by_sum: how to fold ``k`` microbatches of one weight from the sum of
             their gradients (:class:`SumFold`), which lets the sequential
             strategy sum them through autograd, as ``.grad`` sums them in a
@@ -177,7 +187,7 @@ class Reducer(NamedTuple):
         tensor([6., 6.])
         >>> fa.extend.Reducer._fields
         ('init', 'update', 'merge', 'finalize', 'carry', 'update_by_norms', 'batch_control',
-         'by_sum')
+         'privacy', 'by_sum')
     """
 
     init: Callable[[PyTree], Any]
@@ -187,6 +197,7 @@ class Reducer(NamedTuple):
     carry: CarryRule | None = None
     update_by_norms: Callable[..., Any] | None = None
     batch_control: BatchControl | None = None
+    privacy: GaussianMechanism | None = None
     by_sum: SumFold | None = None
 
 

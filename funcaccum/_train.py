@@ -38,7 +38,8 @@ class TrainState(NamedTuple):
         step: optimizer steps applied (skipped steps do not count), 0-d int64.
         skipped: steps skipped because the loss, gradient or update was not finite.
         consecutive_skips: skipped steps since the last applied one.
-        reducer_carry: the reducer's cross-step statistics (``()`` if none).
+        reducer_carry: the reducer's cross-step statistics (``()`` if none):
+            a noised ``clipped_mean(accounting=...)``'s privacy ledger.
         model_state: the model's own state, such as batch norm's running
             statistics, for a loss with ``has_state`` (``()`` if none).
     """
@@ -83,8 +84,9 @@ class StepMetrics(NamedTuple):
         """The figures by name, for a log: the step's own, then the reducer's stats.
 
         A statistic named like one of the step's figures is logged as
-        ``"stats.<name>"``, never in its place; ``aux`` and a missing learning
-        rate are left out.
+        ``"stats.<name>"``, never in its place; a statistic that is itself a
+        record (the privacy ledger) by dotted names (``"privacy.steps"``);
+        ``aux``, a missing learning rate and None statistics are left out.
 
         Example:
             >>> import funcaccum as fa
@@ -102,7 +104,11 @@ class StepMetrics(NamedTuple):
         stats = self.stats._asdict() if hasattr(self.stats, "_asdict") else self.stats
         if isinstance(stats, dict):
             for name, value in stats.items():
-                figures[f"stats.{name}" if name in self._fields else name] = value
+                name = f"stats.{name}" if name in self._fields else name
+                if hasattr(value, "_asdict"):  # a nested record (a privacy ledger): dotted names
+                    figures.update({f"{name}.{k}": v for k, v in value._asdict().items()})
+                elif value is not None:
+                    figures[name] = value
         return figures
 
 
@@ -233,7 +239,8 @@ class TrainStep:
         """Finish the accumulation in ``folded`` and take one optimizer step, pure.
 
         A non-finite step keeps the params, the optimizer state, the carry and
-        the model state bit-identical and counts a skip.
+        the model state bit-identical and counts a skip (a carry rule with
+        ``skip``, a privacy ledger, counts it too).
         """
         return self._apply(state, folded)
 
@@ -287,13 +294,18 @@ class TrainStep:
             updates = tree.scale(updates, control.step_scale)
         params = apply_updates(state.params, updates)
         # The guard: a non-finite update (a NaN learning rate, an overflow in the rule) shows
-        # in the new params, so the loss, the gradient's norm and the params' cover it.
+        # in the new params, so the loss, the gradient's norm and the params' cover it. An
+        # empty batch (weight 0) has no loss (0/0); its step stands or falls by its gradient:
+        # a noised reducer's fixed denominator gives a noise-only step, a mean NaN (skipped).
         finite = (
-            torch.isfinite(result.loss)
+            (torch.isfinite(result.loss) | (result.weight == 0))
             & torch.isfinite(grad_norm)
             & torch.isfinite(tree.global_norm(params))
         )
         model_state = folded.model_state if self.accumulation.has_state else state.model_state
+        kept_carry = state.reducer_carry
+        if carry_rule is not None and carry_rule.skip is not None:
+            kept_carry = carry_rule.skip(kept_carry)  # a privacy ledger counts a skipped step too
         # A non-finite step changes nothing but the skip counts: bit-identical params and state.
         if not traced() and self.max_consecutive_skips is not None:
             # Eagerly, with the one read per step the skip check makes anyway: keep the new
@@ -310,13 +322,15 @@ class TrainStep:
                 )
             else:
                 new_state = state._replace(
-                    skipped=state.skipped + 1, consecutive_skips=state.consecutive_skips + 1
+                    skipped=state.skipped + 1,
+                    consecutive_skips=state.consecutive_skips + 1,
+                    reducer_carry=kept_carry,
                 )
         else:
             params, opt_state, carry, model_state = tree.select(
                 finite,
                 (params, opt_state, carry, model_state),
-                (state.params, state.opt_state, state.reducer_carry, state.model_state),
+                (state.params, state.opt_state, kept_carry, state.model_state),
             )
             new_state = TrainState(
                 params,
@@ -364,7 +378,9 @@ def train_step(
 
     A step whose loss, reduced gradient, update or new params hold a NaN or
     an Inf (a NaN learning rate, say) leaves the params, the optimizer state,
-    the reducer's carry and the model state bit-identical and counts a skip;
+    the reducer's carry (unless its rule counts skips: a privacy ledger) and
+    the model state bit-identical and counts a skip; an empty batch (weight 0)
+    is judged by its gradient alone (a noised reducer's step is noise only);
     after ``max_consecutive_skips`` skips in a row, calling the step raises
     :class:`~funcaccum.FuncaccumError` (None: never, and no host sync per step).
 

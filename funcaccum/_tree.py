@@ -104,6 +104,13 @@ def leaf_norms(tensors: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Te
     return list(torch._foreach_norm(tensors, 2, dtype=dtype))
 
 
+def _per_tensor(lists: list[list[torch.Tensor]]) -> bool:
+    """Whether elementwise ops run leaf by leaf: see :class:`Leaves`."""
+    if torch.compiler.is_compiling():
+        return True
+    return any(torch._C._functorch.is_batchedtensor(x) for xs in lists for x in xs)
+
+
 def tree_device(tree: PyTree) -> torch.device | None:
     """The device of the first leaf, or None for a tree without leaves."""
     leaves = optree.tree_leaves(tree)
@@ -122,7 +129,10 @@ class Leaves:
     (``lambda m, g: m.mul(b1).add(g.mul(1 - b1))``), so an update rule reads as
     its formula and still runs one op per operator for the whole tree. Numbers
     and 0-d tensors broadcast; under ``vmap`` (no batching rules for foreach
-    ops) each op runs leaf by leaf.
+    ops) and while compiling each op runs leaf by leaf: inductor fuses those
+    the same, and its foreach lowerings round a 0-d float64 operand computed
+    in the graph to float32 (``_foreach_add``, ``_foreach_lerp``, ...: torch
+    2.13), which a float64 run must not see.
 
     Combine with a tensor through the methods (``m.mul(b1)``), not the
     operators: Dynamo sends ``b1 * m`` down its tensor path and cannot trace
@@ -147,8 +157,7 @@ class Leaves:
         *other: Leaves | Scalar,
     ) -> Leaves:
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
-        tensors = [self.tensors, *(t for t in lists if t is not None)]
-        if any(torch._C._functorch.is_batchedtensor(x) for xs in tensors for x in xs):
+        if _per_tensor([self.tensors, *(t for t in lists if t is not None)]):
             out = [single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)]
             return Leaves(out, fresh=True)
         return Leaves(foreach(self.tensors, *_pick(other, lists, None)), fresh=True)
@@ -160,8 +169,7 @@ class Leaves:
         if not self.fresh:
             raise RuntimeError("an in-place Leaves operation on tensors it does not own")
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
-        tensors = [self.tensors, *(t for t in lists if t is not None)]
-        if any(torch._C._functorch.is_batchedtensor(x) for xs in tensors for x in xs):
+        if _per_tensor([self.tensors, *(t for t in lists if t is not None)]):
             for i, x in enumerate(self.tensors):
                 single(x, *_pick(other, lists, i))
         else:
@@ -225,7 +233,7 @@ class Leaves:
     def addmul(self, other: Leaves, factor: torch.Tensor) -> Leaves:
         """Elementwise ``self + other * factor`` (a 0-d ``factor``) in one op, not two."""
         n = len(self.tensors)
-        if any(torch._C._functorch.is_batchedtensor(x) for x in (*self.tensors, *other.tensors)):
+        if _per_tensor([self.tensors, other.tensors]):
             pairs = zip(self.tensors, other.tensors, strict=True)
             return Leaves([torch.addcmul(x, y, factor) for x, y in pairs], fresh=True)
         return Leaves(torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n), fresh=True)

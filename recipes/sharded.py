@@ -18,7 +18,9 @@ that the ranks agree on every replicated value. Only rank 0 prints.
 
 from __future__ import annotations
 
+import argparse
 import datetime
+import gc
 import os
 import resource
 import time
@@ -81,6 +83,15 @@ def main() -> None:
         "nccl" if device.type == "cuda" else "gloo",
         timeout=datetime.timedelta(seconds=args.timeout),
     )
+    _train(args, device)
+    # Every FSDP module and mesh of the run is garbage now, so the group's gloo threads
+    # stop here, not in the interpreter's teardown (where they can abort a rank).
+    gc.collect()
+    dist.barrier()
+    fa.distributed.destroy_process_group()
+
+
+def _train(args: argparse.Namespace, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -183,7 +194,6 @@ def main() -> None:
             "(FSDP adds one microbatch's shards, or with sync=step the unsharded gradients).",
         ],
     )
-    fa.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -206,6 +206,22 @@ def main() -> None:
             "loss": metrics.loss,
             "step": state.step,
         }
+    elif scenario == "dp_noise":
+        # Per-rank seeds, as one seeds dropout: the global generator and the noise generator's
+        # own seed differ between the ranks; DataParallel.init syncs the noise generator.
+        torch.manual_seed(100 + rank)
+        noise = torch.Generator().manual_seed(200 + rank)
+        reducer = fa.clipped_mean(0.3, noise_multiplier=1.0, denominator=20, generator=noise)
+        step = fa.train_step(
+            mlp_loss,
+            optimizer=fa.optim.sgd(0.1),
+            accumulation=fa.Accumulation(reducer=reducer, microbatch_size=1),
+        )
+        parallel = fa.distributed.DataParallel(step, timeout=30)
+        state = parallel.init(params)
+        for i in range(3):
+            state, _ = parallel(state, shard(classification_batch(20, seed=i), rank, [12, 8]))
+        result = {"params": state.params, "noise_state": noise.get_state()}
     elif scenario == "float32":
         for name, make in REDUCERS32.items():
             step = fa.train_step(

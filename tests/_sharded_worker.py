@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import gc
 import resource
 import sys
 import warnings
@@ -360,6 +361,9 @@ def main() -> None:
     elif scenario == "resume":
         result = resume(mesh, world, rank, out)
     torch.save(result, out / f"{scenario}-rank{rank}.pt")
+    del mesh, result  # the group's threads stop at destroy, not in the interpreter's teardown
+    gc.collect()
+    dist.barrier()
     fa.distributed.destroy_process_group()
 
 

@@ -108,6 +108,7 @@ PUBLIC_MODULES = [
     "funcaccum.testing",
     "funcaccum.distributed",
     "funcaccum.tree",
+    "funcaccum.privacy",
 ]
 
 

@@ -43,7 +43,7 @@ def _uses(code: str, name: str) -> bool:
     A method of the same name (``reducer.merge``) does not count.
     """
     code = re.sub(r"#.*", "", code)  # comments are not uses
-    alias = r"\b(?:fa|funcaccum|optim|testing|distributed|tree|extend)\."
+    alias = r"\b(?:fa|funcaccum|optim|testing|distributed|tree|extend|privacy)\."
     pattern = rf"(?:(?<![\w.])|{alias}){re.escape(name)}(?!\w)"
     return re.search(pattern, code) is not None
 

@@ -117,6 +117,26 @@ ONE_ALL_REDUCE = {
 }
 
 
+def test_noise_is_the_same_on_every_rank_seeded_apart(tmp_path: Path) -> None:
+    """DP noise drawn after the merge from a generator DataParallel keeps in step: ranks whose
+    seeds differ (global and the noise generator's own) end bit-identical, and as one process
+    drawing the noise from rank 0's generator."""
+    results, _, _ = launch("dp_noise", tmp_path)
+    assert_trees_equal(results[0]["params"], results[1]["params"])
+    assert torch.equal(results[0]["noise_state"], results[1]["noise_state"])
+    noise = torch.Generator().manual_seed(200)  # rank 0's
+    reducer = fa.clipped_mean(0.3, noise_multiplier=1.0, denominator=20, generator=noise)
+    step = fa.train_step(
+        mlp_loss,
+        optimizer=fa.optim.sgd(0.1),
+        accumulation=fa.Accumulation(reducer=reducer, microbatch_size=1),
+    )
+    state = step.init(mlp_params())
+    for i in range(3):
+        state, _ = step(state, classification_batch(20, seed=i))
+    assert_trees_allclose(results[0]["params"], state.params, rtol=1e-10, atol=1e-12)
+
+
 def test_float32_params_take_one_collective_per_step_for_every_reducer(tmp_path: Path) -> None:
     """adaptive's float64 sums and the float32 loss sums share one buffer (float64)."""
     results, _, _ = launch("float32", tmp_path)

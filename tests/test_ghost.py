@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
@@ -94,7 +95,7 @@ def test_ghost_refuses_what_it_cannot_do() -> None:
     def weighted(params: dict, batch: Batch) -> tuple:
         return loss_fn(params, batch), batch[1].shape[0]
 
-    with pytest.raises(fa.FuncaccumError, match="has_weight, has_aux and has_state must be False"):
+    with pytest.raises(fa.FuncaccumError, match="how the loss's weight splits among the examples"):
         fa.accumulate(
             weighted,
             params,
@@ -140,13 +141,15 @@ def test_ghost_chunk_size_one_is_one_microbatch_per_pass() -> None:
     passes = []
     handle = model[0].register_forward_hook(lambda m, args, out: passes.append(args[0].shape[0]))
     try:
-        for chunk_size, sizes in ((1, [1] * 12), (5, [5, 5, 2]), (None, [12])):
+        for index, (chunk_size, sizes) in enumerate(((1, [1] * 12), (5, [5, 5, 2]), (None, [12]))):
             passes.clear()
             got = fa.accumulate(
                 loss_fn, params, batch, reducer=reducer, microbatch_size=1,
                 strategy=fa.ghost(model, chunk_size=chunk_size),
             )  # fmt: skip
-            assert passes == sizes
+            # The loss is checked once per module and loss, on the first group's first 3 units
+            # (docs: ghost checks its loss): together (with grad), then one by one.
+            assert passes == [*([3, 1, 1, 1] if index == 0 else []), *sizes]
             # Ghost takes its norms in float32, so the clip factors match to float32 precision.
             assert_trees_allclose(got.grads, want.grads, rtol=1e-5, atol=1e-8)
     finally:
@@ -156,7 +159,7 @@ def test_ghost_chunk_size_one_is_one_microbatch_per_pass() -> None:
 def test_ghost_refuses_what_it_cannot_do_with_a_clear_error() -> None:
     model, loss_fn, _, _ = _ghost_setup()
     clipped = fa.clipped_mean(0.3)
-    with pytest.raises(fa.FuncaccumError, match="no aux"):
+    with pytest.raises(fa.FuncaccumError, match="without aux or model state"):
         fa.Accumulation(reducer=clipped, strategy=fa.ghost(model), has_aux=True).runner(loss_fn)
     with pytest.raises(fa.FuncaccumError, match="clips by norm"):
         fa.train_step(
@@ -235,6 +238,8 @@ RULE_CASES = [
     pytest.param(
         lambda: (nn.Linear(8, 8, bias=False), torch.randn(6, 2, 8)), id="linear-ghost-no-bias"
     ),
+    # Linear with one row per unit (an MLP): |d|^2 |x|^2.
+    pytest.param(lambda: (nn.Linear(5, 3), torch.randn(3, 5)), id="linear-one-row"),
     # Linear with a long unit: the direct form.
     pytest.param(lambda: (nn.Linear(3, 2), torch.randn(9, 4, 3)), id="linear-direct"),
     pytest.param(
@@ -298,3 +303,190 @@ def test_ghost_inside_a_step_compiled_whole_is_refused() -> None:
     compiled = torch.compile(step.step, fullgraph=True, backend="eager")
     with pytest.raises(torch._dynamo.exc.Unsupported, match=r"ghost\(\.\.\.\) runs eagerly"):
         compiled(state, batch)
+
+
+# Token-mean losses, shared position embeddings, and what ghost refuses.
+
+
+class TinyGPT(nn.Module):
+    """Token and shared position embeddings, causal sdpa attention, a layer norm, a head."""
+
+    def __init__(self, vocab: int = 11, dim: int = 8, context: int = 6) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(context, dim)
+        self.qkv, self.norm, self.head = (
+            nn.Linear(dim, 3 * dim),
+            nn.LayerNorm(dim),
+            nn.Linear(dim, vocab),
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # Positions looked up once for the whole batch, (t,): GPT-2's and nanoGPT's way.
+        x = self.tokens(ids) + self.positions(torch.arange(ids.shape[1]))
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = x + functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(self.norm(x))
+
+
+def token_batch(n: int = 7, length: int = 6) -> dict[str, torch.Tensor]:
+    """Right-padded sequences of different lengths; padding is -100 in the labels."""
+    g = torch.Generator().manual_seed(6)
+    ids = torch.randint(11, (n, length), generator=g)
+    lengths = torch.randint(1, length + 1, (n,), generator=g)
+    labels = ids.roll(-1, 1).masked_fill(torch.arange(length) >= lengths[:, None], -100)
+    return {"ids": ids, "labels": labels}
+
+
+def token_mean_loss(model: nn.Module) -> tuple[Callable, Callable, dict]:
+    """The mean over valid tokens, as Hugging Face's labels= loss; and with its token count."""
+    torch.manual_seed(0)
+    model = model.double()
+    apply, params, buffers = fa.functional_model(model)
+
+    def plain(params: dict, batch: dict) -> torch.Tensor:
+        logits = apply(params, buffers, batch["ids"])
+        return functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+
+    def weighted(params: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        return plain(params, batch), (batch["labels"] != -100).sum()
+
+    return plain, weighted, params
+
+
+def valid_tokens(batch: dict) -> torch.Tensor:
+    return (batch["labels"] != -100).sum(1)
+
+
+@pytest.mark.parametrize("noise", [0.0, 1.0])
+def test_ghost_on_a_token_mean_loss_equals_scan(noise: float) -> None:
+    """Each unit's gradient is of its own token mean, whatever the other units' lengths."""
+    model = TinyGPT()
+    _, weighted, params = token_mean_loss(model)
+    strategy = fa.ghost(model, example_weights=valid_tokens)
+    assert "positions" in strategy.layers
+    assert strategy.fallback == ()
+    batch = token_batch()
+    results = {}
+    for name, how in (("scan", "scan"), ("ghost", strategy)):
+        reducer = fa.clipped_mean(
+            2.0, noise_multiplier=noise, denominator=7 if noise else None,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        results[name] = fa.accumulate(
+            weighted, params, batch, reducer=reducer, microbatch_size=1, strategy=how,
+            has_weight=True,
+        )  # fmt: skip
+    assert_trees_allclose(results["ghost"].grads, results["scan"].grads, rtol=0, atol=1e-12)
+    assert_trees_allclose(results["ghost"].stats, results["scan"].stats, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(results["ghost"].loss, results["scan"].loss, rtol=1e-13, atol=0)
+    assert 0 < results["scan"].stats.clip_fraction < 1
+
+
+def test_ghost_refuses_a_token_mean_loss_it_cannot_split() -> None:
+    """A mean over the chunk's tokens is not the mean of the units' own losses: refused."""
+    model = TinyGPT()
+    plain, _, params = token_mean_loss(model)
+    with pytest.raises(fa.FuncaccumError, match="a mean over tokens, not over examples"):
+        fa.accumulate(
+            plain, params, token_batch(), reducer=fa.clipped_mean(0.3), microbatch_size=1,
+            strategy=fa.ghost(model),
+        )  # fmt: skip
+
+
+def test_ghost_refuses_example_weights_that_do_not_match_the_loss() -> None:
+    model = TinyGPT()
+    plain, weighted, params = token_mean_loss(model)
+    reducer = fa.clipped_mean(0.3)
+    with pytest.raises(fa.FuncaccumError, match="is for a weighted loss: pass has_weight=True"):
+        fa.accumulate(
+            plain, params, token_batch(), reducer=reducer, microbatch_size=1,
+            strategy=fa.ghost(model, example_weights=valid_tokens),
+        )  # fmt: skip
+    with pytest.raises(fa.FuncaccumError, match=r"the loss returned weight .* sum to"):
+        fa.accumulate(
+            weighted, params, token_batch(), reducer=reducer, microbatch_size=1, has_weight=True,
+            strategy=fa.ghost(model, example_weights=lambda b: torch.ones(b["ids"].shape[0])),
+        )  # fmt: skip
+    with pytest.raises(fa.FuncaccumError, match=r"one weight per example, shape \(3,\)"):
+        fa.accumulate(
+            weighted, params, token_batch(), reducer=reducer, microbatch_size=1, has_weight=True,
+            strategy=fa.ghost(model, example_weights=lambda b: b["labels"]),
+        )  # fmt: skip
+
+
+def test_ghost_refuses_a_module_the_loss_does_not_run() -> None:
+    """Another module of the same architecture: its hooks never fire (zero gradient before)."""
+    model, loss_fn, params, batch = _ghost_setup()
+    twin = copy.deepcopy(model)
+    with pytest.raises(fa.FuncaccumError, match="none of the layers of the module given"):
+        fa.accumulate(
+            loss_fn, params, batch, reducer=fa.clipped_mean(0.3), microbatch_size=1,
+            strategy=fa.ghost(twin),
+        )  # fmt: skip
+
+
+def test_ghost_refuses_an_l2_penalty_on_the_params() -> None:
+    """The penalty's gradient does not pass through the layers' outputs: missing from norms."""
+    model, loss_fn, params, batch = _ghost_setup()
+
+    def penalised(params: dict, batch: tuple) -> torch.Tensor:
+        return loss_fn(params, batch) + 1e-2 * sum((p**2).sum() for p in params.values())
+
+    with pytest.raises(fa.FuncaccumError, match=r"uses the parameter '\d.\w+' outside its layer"):
+        fa.accumulate(
+            penalised, params, batch, reducer=fa.clipped_mean(0.3), microbatch_size=1,
+            strategy=fa.ghost(model),
+        )  # fmt: skip
+
+
+def test_ghost_explains_a_vmap_failure_in_its_general_path() -> None:
+    """Parameters outside the tapped layers take per-unit gradients under vmap; a model vmap
+    cannot batch (a data-dependent branch, as sdpa's mask check) gets the hint, not vmap's raw
+    error."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(4, 2)
+            self.scale = nn.Parameter(torch.ones(2))  # no layer: the general path
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.layer(x) * self.scale
+            return out if bool(out.sum() > -1e9) else -out  # data-dependent control flow
+
+    model = Branchy()
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        return functional.cross_entropy(apply(params, buffers, batch[0]), batch[1])
+
+    batch = (torch.randn(6, 4), torch.randint(2, (6,)))
+    hint = r"(?s)\(scale\) under torch.func.vmap.*strategy=scan"
+    with pytest.raises(fa.FuncaccumError, match=hint):
+        fa.accumulate(
+            loss_fn, params, batch, reducer=fa.clipped_mean(0.3), microbatch_size=1,
+            strategy=fa.ghost(model),
+        )  # fmt: skip
+
+
+def test_ghost_probes_a_layer_whose_output_is_changed_in_place() -> None:
+    """ReLU(inplace=True) rewrites the Linear's output: its gradient is then taken by a probe."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 3)).double()
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: tuple) -> torch.Tensor:
+        return functional.cross_entropy(apply(params, buffers, batch[0]), batch[1])
+
+    g = torch.Generator().manual_seed(1)
+    batch = (
+        torch.randn(10, 4, generator=g, dtype=torch.float64),
+        torch.randint(3, (10,), generator=g),
+    )
+    reducer = fa.clipped_mean(1.3)
+    want = fa.accumulate(loss_fn, params, batch, reducer=reducer, microbatch_size=1)
+    got = fa.accumulate(
+        loss_fn, params, batch, reducer=reducer, microbatch_size=1, strategy=fa.ghost(model)
+    )
+    assert_trees_allclose(got.grads, want.grads, rtol=1e-12, atol=1e-14)
+    assert 0 < want.stats.clip_fraction < 1

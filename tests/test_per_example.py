@@ -198,7 +198,7 @@ def test_padding_and_declared_denominators() -> None:
 
 
 def test_noise_needs_an_explicit_denominator() -> None:
-    with pytest.raises(fa.FuncaccumError, match="choose the denominator explicitly"):
+    with pytest.raises(fa.FuncaccumError, match="with noise, choose the denominator"):
         fa.clipped_mean(1.0, noise_multiplier=1.0)
     with pytest.raises(fa.FuncaccumError, match="number or 'weight'"):
         fa.clipped_mean(1.0, denominator="count")

@@ -105,6 +105,32 @@ def test_char_lm_compiles_and_weights_tokens(tmp_path: Path) -> None:
     assert all(t <= 64 * 32 for t in tokens)
 
 
+def test_dp_sgd_reports_epsilon_as_opacus_and_accuracy_beside_non_private(
+    tmp_path: Path,
+) -> None:
+    pytest.importorskip("dp_accounting", reason="the recipe's accounting needs dp-accounting")
+    pytest.importorskip("sklearn", reason="the recipe's data is scikit-learn's digits")
+    opacus = pytest.importorskip("opacus", reason="the comparison needs Opacus (the dev extra)")
+    result = run_recipe("dp_sgd", tmp_path)
+    rows = result["by_name"]
+    assert set(rows) == {"non-private", *(f"DP, target epsilon {t}" for t in (1, 3, 8))}
+    for target in (1, 3, 8):
+        row = rows[f"DP, target epsilon {target}"]
+        assert row["steps"] == rows["non-private"]["steps"] == 10  # 2 epochs of 5 steps
+        assert target - 1e-3 <= row["epsilon (RDP)"] <= target  # calibrated, never above
+        assert row["epsilon (PLD)"] < row["epsilon (RDP)"]  # PLD is the tighter
+        assert 0 < row["test accuracy"] <= 1
+        # The same (q, sigma, steps) in Opacus's RDP accountant: equal at a large best order (for
+        # epsilon 1); at a small fractional order dp-accounting's series bound is the looser.
+        difference = row["ours - Opacus RDP"]
+        assert 0 - 1e-6 <= difference <= 5e-3 * target, (opacus.__version__, difference)
+    assert abs(rows["DP, target epsilon 1"]["ours - Opacus RDP"]) < 1e-6
+    assert 0 < rows["non-private"]["test accuracy"] <= 1
+    epsilons = [m["epsilon"] for m in result["metrics"] if m["run"] == "epsilon 1"]
+    assert len(epsilons) == 2
+    assert 0 < epsilons[0] < epsilons[1]  # spent epoch by epoch, from the ledger
+
+
 def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
     torchrun = (
         "-m",

@@ -246,8 +246,11 @@ def test_refuses_what_it_cannot_run_exactly(one_process_group: Any) -> None:
 @pytest.mark.parametrize("generator", [None, torch.Generator().manual_seed(0)])
 def test_refuses_noise_on_gradient_shards(one_process_group: Any, generator: Any) -> None:
     """On a CPU mesh DTensor would draw every rank's shard from that rank's own generator."""
-    noisy = fa.clipped_mean(1.0, noise_multiplier=1.0, denominator="weight", generator=generator)
-    sharded = make(one_process_group, accumulation=fa.Accumulation(reducer=noisy, has_weight=True))
+    noisy = fa.clipped_mean(
+        1.0, noise_multiplier=1.0, denominator=2.0, unit="microbatch", generator=generator
+    )
+    accumulation = fa.Accumulation(reducer=noisy, has_weight=True, microbatch_size=2)
+    sharded = make(one_process_group, accumulation=accumulation)
     said = "drew random numbers" if generator is None else "combined a whole tensor"
     with pytest.raises(fa.FuncaccumError, match=said):
         sharded(sharded.init(), local_batch(0, 0, [4]))

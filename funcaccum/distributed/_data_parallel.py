@@ -16,7 +16,7 @@ from .._errors import FuncaccumError
 from .._fold import Folded
 from .._reducer import Maximum
 from .._train import StepMetrics, TrainState, TrainStep
-from .._tree import PyTree, Tree, leaf_paths
+from .._tree import PyTree, Tree, leaf_paths, tree_device
 from .._validate import check_real, describe
 
 __all__ = ["DataParallel", "all_reduce_state", "broadcast_state"]
@@ -248,6 +248,12 @@ class DataParallel:
     microbatches. A skipped step keeps the old state on every rank.
     docs/scaling.md compares this with DDP's and ``SyncBatchNorm``'s choices.
 
+    A noised reducer (``clipped_mean(noise_multiplier=...)``) adds its noise
+    after the merge, on every rank: it needs its own generator, which
+    :meth:`init` puts in rank 0's state everywhere, so every rank draws the
+    same noise even when the ranks are seeded apart; torch's global generator
+    is refused (docs/privacy.md).
+
     When a peer dies or stalls, the collective fails or times out after
     ``timeout`` seconds, and every surviving rank raises :class:`FuncaccumError`
     instead of hanging. ``fold`` and ``apply`` run compiled as the step's
@@ -285,6 +291,16 @@ class DataParallel:
             )
         # A timeout <= 0 would fail every collective at once; None waits forever.
         check_real("timeout", timeout, low=0, low_inclusive=False, allow_none=True)
+        mechanism = step.accumulation.reducer.privacy
+        if mechanism is not None and mechanism.generator is None:
+            raise FuncaccumError(
+                "a noised clipped_mean under DataParallel needs its own generator: every rank "
+                "adds the noise after the merge, and torch's global generator differs between "
+                "ranks seeded apart (as for dropout), so the params would diverge. Pass "
+                "clipped_mean(..., generator=torch.Generator()); DataParallel.init gives it rank "
+                "0's state everywhere, and it then draws the same noise on every rank."
+            )
+        self._noise = None if mechanism is None else mechanism.generator
         if not dist.is_available() or not dist.is_initialized():
             raise FuncaccumError(
                 "DataParallel needs torch.distributed initialised: call "
@@ -297,14 +313,20 @@ class DataParallel:
         """The step's initial state, built from rank 0's params (and model state) on every rank.
 
         ``model_state`` is for a step with ``has_state``, as in
-        :meth:`TrainStep.init`; both travel in one broadcast.
+        :meth:`TrainStep.init`; both travel in one broadcast, with, for a
+        noised reducer, its noise generator's state, so every rank then draws
+        the same noise.
         """
         _check_model_state(model_state)
-        params, model_state = broadcast_state(
-            optree.tree_map(torch.Tensor.detach, (params, model_state)),
-            group=self.group,
-            timeout=self.timeout,
+        tensors: tuple[Any, ...] = optree.tree_map(torch.Tensor.detach, (params, model_state))
+        if self._noise is not None:  # the noise generator's state rides in the same broadcast
+            device = tree_device(params) or torch.device("cpu")
+            tensors = (*tensors, self._noise.get_state().to(device))
+        params, model_state, *noise = broadcast_state(
+            tensors, group=self.group, timeout=self.timeout
         )
+        if self._noise is not None:
+            self._noise.set_state(noise[0].cpu())
         return self.step.init(params, model_state)
 
     def __call__(
