@@ -129,6 +129,11 @@ def init(reducer: Reducer, params: PyTree) -> FoldState:
     return FoldState(reducer.init(params), *scalar_zeros(params, 3))
 
 
+def _checked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with each negative entry made NaN: it would subtract its microbatch."""
+    return torch.where(weight >= 0, weight, torch.nan)
+
+
 def add(
     reducer: Reducer,
     state: FoldState,
@@ -140,9 +145,11 @@ def add(
     """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
 
     With ``has_weight``, a microbatch the loss gives zero weight (all padding)
-    adds exactly nothing, even when its loss and gradient are 0/0 = NaN.
+    adds exactly nothing, even when its loss and gradient are 0/0 = NaN. A
+    negative weight becomes NaN, as a NaN one is: the step's guard skips it
+    and :meth:`~funcaccum.TrainStep.check_skips` names it (no read here).
     """
-    weight = output.weight.to(state.weight_sum.dtype)
+    weight = _checked_weight(output.weight.to(state.weight_sum.dtype))
     present = weight != 0
     if has_weight:
         grads = optree.tree_map(
@@ -183,7 +190,7 @@ def add_by_norms(
             "this strategy folds gradient norms, which needs a reducer that clips by norm "
             "(one with update_by_norms, such as clipped_mean)"
         )
-    weights = weights.to(state.weight_sum.dtype)
+    weights = _checked_weight(weights.to(state.weight_sum.dtype))
     return FoldState(
         reducer.update_by_norms(state.reducer, norms, weights, weighted_sum),
         state.loss_sum + loss_sum.to(state.loss_sum.dtype),

@@ -9,6 +9,7 @@ compiles it) and the loop a Python loop; inside ``torch.compile`` or a
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -24,7 +25,8 @@ from ._fold import FoldState, LossSpec, MicrobatchOutput
 from ._functional import hold_parametrizations
 from ._microbatch import to_layout
 from ._reducer import Reducer
-from ._tree import PyTree
+from ._tree import PyTree, leaf_paths
+from ._validate import describe
 
 __all__ = ["Folder", "LossFn", "Randomness", "check_randomness", "stack"]
 
@@ -155,8 +157,38 @@ class Folder:
         return call
 
     def add(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
-        """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``."""
-        return self._add(state, grads, output)
+        """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
+
+        ``grads`` is a tree like the params: each leaf the param's shape for one
+        microbatch, or ``(c, *shape)`` stacked with ``(c,)`` weights.
+        """
+        if not isinstance(state, FoldState):
+            raise FuncaccumError(
+                f"folder.add(state, grads, output) folds into a FoldState, got {describe(state)}"
+            )
+        if not isinstance(output, MicrobatchOutput):
+            raise FuncaccumError(
+                "folder.add(state, grads, output) takes the MicrobatchOutput that "
+                f"folder.value_and_grad returned, got {describe(output)}"
+            )
+        if torch.compiler.is_compiling():
+            return self._add(state, grads, output)
+        try:
+            return self._add(state, grads, output)
+        except (ValueError, RuntimeError, TypeError) as error:
+            if isinstance(error, FuncaccumError):
+                raise
+            shapes = ", ".join(
+                f"{path}: {tuple(g.shape) if isinstance(g, torch.Tensor) else describe(g)}"
+                for path, g in leaf_paths(grads, "grads")
+            )
+            raise FuncaccumError(
+                "folder.add could not fold these gradients into the reducer's state: "
+                f"{str(error).splitlines()[0]}. The gradients must be a tree like the params "
+                "(the same keys; each leaf the param's shape for one microbatch with a 0-d "
+                "weight, or (c, *shape) for c stacked microbatches with (c,) weights); got "
+                f"{shapes or describe(grads)} with weight {tuple(output.weight.shape)}"
+            ) from error
 
     def add_by_norms(
         self,
@@ -196,6 +228,11 @@ class Folder:
         aux: PyTree = ()  # vmap and scan need tensor outputs; () stands for "no aux"
         if spec.has_aux:
             out, aux = _pair(out, "has_aux")
+            if not all(isinstance(leaf, torch.Tensor) for leaf in optree.tree_leaves(aux)):
+                raise FuncaccumError(
+                    "the aux loss_fn returns must be a tensor, or a tuple, list or dict of "
+                    f"tensors (they are stacked over microbatches), got {describe(aux)}"
+                )
         loss, weight = _pair(out, "has_weight") if spec.has_weight else (out, size)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -213,10 +250,22 @@ class Folder:
                 f"loss_fn returned a {loss.dtype} loss; a loss must be a floating-point tensor "
                 "computed from the params (an integer loss has no gradient)"
             )
-        weight = torch.as_tensor(weight, device=loss.device)
+        if not isinstance(weight, torch.Tensor) and (
+            isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+        ):
+            raise FuncaccumError(
+                "the weight loss_fn returns must be a number or a 0-d real tensor (its count of "
+                f"examples or valid tokens), got {describe(weight)}"
+            )
+        weight = torch.as_tensor(weight, device=loss.device).detach()
         if weight.ndim != 0:
             raise FuncaccumError(
                 f"the weight loss_fn returns must be 0-d, got shape {tuple(weight.shape)}"
+            )
+        if weight.dtype == torch.bool or weight.is_complex():
+            raise FuncaccumError(
+                f"the weight loss_fn returns is a {weight.dtype} tensor; it must be a real count "
+                "(of examples or valid tokens): mask.sum(), not a mask or a flag"
             )
         return loss, MicrobatchOutput(loss.detach(), weight, aux, new_state)
 

@@ -117,8 +117,12 @@ class Leaves:
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
         tensors = [self.tensors, *(t for t in lists if t is not None)]
         if any(torch._C._functorch.is_batchedtensor(x) for xs in tensors for x in xs):
-            return Leaves([single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)])
-        return Leaves(foreach(self.tensors, *_pick(other, lists, None)))
+            out = [single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)]
+        else:
+            out = foreach(self.tensors, *_pick(other, lists, None))
+        if any(isinstance(o, torch.Tensor) for o in other):
+            out = _scalar_kept_narrow(out, tensors)
+        return Leaves(out)
 
     def add(self, other: Leaves | Scalar) -> Leaves:
         """Elementwise ``self + other``."""
@@ -143,8 +147,10 @@ class Leaves:
         n = len(self.tensors)
         if any(torch._C._functorch.is_batchedtensor(x) for x in (*self.tensors, *other.tensors)):
             pairs = zip(self.tensors, other.tensors, strict=True)
-            return Leaves([torch.addcmul(x, y, factor) for x, y in pairs])
-        return Leaves(torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n))
+            out = [torch.addcmul(x, y, factor) for x, y in pairs]
+        else:
+            out = torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n)
+        return Leaves(_scalar_kept_narrow(out, [self.tensors, other.tensors]))
 
     def __neg__(self) -> Leaves:
         return self._apply(torch._foreach_neg, torch.neg)
@@ -168,6 +174,30 @@ class Leaves:
     def to_dtypes_of(self, other: Leaves) -> Leaves:
         """Each tensor cast to the dtype of its counterpart in ``other`` (no copy if equal)."""
         return Leaves([x.to(y.dtype) for x, y in zip(self.tensors, other.tensors, strict=True)])
+
+
+def _scalar_kept_narrow(
+    out: Sequence[torch.Tensor], operands: list[list[torch.Tensor]]
+) -> list[torch.Tensor]:
+    """``out`` with a 0-d scalar tensor's dtype kept out of 0-d leaves' results.
+
+    A float32 tensor times a 0-d float64 hyperparameter is float32, unless the
+    tensor is 0-d too: then torch promotes to float64, and a scalar param's
+    optimizer state would change dtype at its first update (a checkpoint then
+    fits no fresh state, a compiled step recompiles). Such a result is cast
+    back to the dtype its tensor operands give, as for every other leaf.
+    """
+    kept = list(out)
+    for i, y in enumerate(out):
+        if y.ndim != 0 or not y.is_floating_point():
+            continue
+        dtypes = [xs[i].dtype for xs in operands]
+        want = dtypes[0]
+        for dtype in dtypes[1:]:
+            want = torch.promote_types(want, dtype)
+        if want.is_floating_point and y.dtype != want:
+            kept[i] = y.to(want)
+    return kept
 
 
 def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:

@@ -2,7 +2,9 @@
 
 torchvision's resnet18, timm's test models and Hugging Face's GPT-2, each built
 from its constructor or config with random weights (nothing is downloaded).
-They come with the ``models`` extra; a test whose package is absent is skipped.
+They come with the ``models`` extra; a test whose package is absent is skipped. They
+import as a user's code does, after funcaccum, with no workaround here (PyPI's
+torchvision beside the CPU torch: see tests/test_torchvision.py).
 Everything runs in float64, so that funcaccum and the hand-written loop can be
 compared to rounding after several AdamW steps.
 """
@@ -11,10 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.machinery
-import importlib.util
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -35,39 +34,6 @@ STEPS, LR, EPS, CLASSES = 2, 1e-3, 1e-6, 4
 # 1e-10 with some margin.
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
 TRAINED = {"rtol": 1e-10, "atol": 1e-10}
-
-
-def _declare_torchvision_ops_it_cannot_load() -> torch.library.Library | None:
-    """Let torchvision import where its C++ ops cannot load (PyPI's wheel with the CPU torch).
-
-    PyPI's Linux torchvision wheel is linked against the CUDA build of torch
-    (``libtorch_cuda.so``). With the CPU build its ``_C`` extension does not
-    load, which torchvision tolerates, except that torchvision 0.28 then
-    registers a fake kernel for ``torchvision::nms`` without checking, and its
-    import fails with "operator torchvision::nms does not exist" (so does any
-    ``transformers`` model import, which imports torchvision when it is
-    installed). The models here use none of those ops: where ``_C`` does not
-    load, declaring the two schemas it registers unconditionally lets the
-    import through. Where ``_C`` loads, nothing is declared.
-    """
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package = Path(next(iter(spec.submodule_search_locations)))
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (package / f"_C{suffix}").exists():
-            try:
-                torch.ops.load_library(str(package / f"_C{suffix}"))
-            except (OSError, RuntimeError):
-                break
-            return None  # the ops are there: torchvision imports as it is
-    library = torch.library.Library("torchvision", "FRAGMENT")
-    for name in ("nms", "qnms"):
-        library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return library
-
-
-_TORCHVISION_OPS = _declare_torchvision_ops_it_cannot_load()  # kept alive for the session
 
 
 def need(name: str) -> ModuleType:
