@@ -63,10 +63,13 @@ def run_epoch(
 
     ``batches`` may be any iterable: a list, a ``DataLoader`` (over an
     ``IterableDataset`` too, which has no length), a generator. A batch
-    with fewer examples than the step's ``num_microbatches`` (a loader's
-    short last batch) runs with one microbatch per example, weighted
-    exactly; an epoch without a single batch (an empty loader, or a
-    generator a previous epoch used up) is refused.
+    too small for the step's ``num_microbatches`` (a loader's short last
+    batch) runs with fewer, weighted exactly as every batch is: with fewer
+    examples than ``num_microbatches``, one microbatch per example; with
+    ``has_state`` (batch norm, whose statistics need two examples), with
+    fewer than two examples per microbatch, microbatches of two (or three).
+    An epoch without a single batch (an empty loader, or a generator a
+    previous epoch used up) is refused.
 
     With ``progress=True`` the epoch is shown as it runs: on a terminal a
     ``rich`` progress bar; otherwise (output redirected to a file, as on a
@@ -166,12 +169,16 @@ def _check_arguments(
 
 
 def _short_batch_step(step: TrainStep, batch: PyTree) -> TrainStep:
-    """``step``, or for a batch with fewer examples than its microbatches, one per example."""
+    """``step``, or for a batch too small for its microbatches, one with fewer of them."""
     wanted = step.accumulation.num_microbatches
     if wanted is None or wanted == 1:
         return step
     examples = batch_size(as_batch(batch), step.accumulation.batch_dim)
-    return step if examples >= wanted else step._with_microbatches(examples)
+    # Model state (batch norm's statistics) needs two examples a microbatch.
+    least = 2 if step.accumulation.has_state else 1
+    if examples >= least * wanted:
+        return step
+    return step._with_microbatches(max(1, examples // least))
 
 
 def _length(batches: Iterable[Any]) -> int | None:
@@ -238,7 +245,7 @@ def _display(
         task = bar.add_task(description, total=total, loss="-", epoch="-", lr="-", speed="-")
 
         def advance(steps: int, totals: torch.Tensor, metrics: StepMetrics) -> None:
-            fields = {}
+            fields: dict[str, Any] = {}
             if steps % every == 0 or steps == total:
                 figures = _figures(steps, totals, metrics, started, unit)
                 fields = {"loss": figures["loss"], "epoch": figures["epoch loss"],

@@ -80,7 +80,11 @@ def _mode_error(module: nn.Module, captured: list[bool]) -> FuncaccumError:
 
 
 def _mismatch(
-    module: nn.Module, params: Any, buffers: Any, expected: dict[str, torch.Tensor]
+    module: nn.Module,
+    params: Any,
+    buffers: Any,
+    expected: dict[str, torch.Tensor],
+    error: BaseException,
 ) -> FuncaccumError | None:
     """Why ``params`` and ``buffers`` do not fit ``module``, or None (for an error's message)."""
     for name, given in (("params", params), ("buffers", buffers)):
@@ -110,11 +114,13 @@ def _mismatch(
                 f"apply: {name!r} has shape {tuple(got.shape)}, where the module's is "
                 f"{tuple(want.shape)}: a state of another model?"
             )
-        if len(dtypes) > 1 and got.dtype != want.dtype and got.is_floating_point():
+        about_dtypes = any(word in str(error) for word in ("dtype", "scalar type"))
+        if about_dtypes and len(dtypes) > 1 and got.dtype != want.dtype and got.is_floating_point():
             return FuncaccumError(
                 f"apply: {name!r} is {got.dtype}, where the module's is {want.dtype}, beside "
-                f"tensors of {sorted(str(d) for d in dtypes - {got.dtype})}: give the model "
-                "state in the module's dtype"
+                f"tensors of {sorted(str(d) for d in dtypes - {got.dtype})}, and torch "
+                f"refused the mix ({str(error).splitlines()[0]}): give params and buffers "
+                "one dtype (module.to(dtype) first)"
             )
     return None
 
@@ -251,16 +257,17 @@ def functional_model(
         except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as error:
             if isinstance(error, FuncaccumError):
                 raise
-            mismatch = _mismatch(module, params, buffers, expected)
+            mismatch = _mismatch(module, params, buffers, expected, error)
             if mismatch is not None:
                 raise mismatch from error
             if _ONE_VALUE in str(error):
                 raise FuncaccumError(
                     f"batch norm in training mode got one value per channel ({error}): a "
                     "microbatch of one example has no batch statistics. Use microbatches of "
-                    "2 or more examples (a larger microbatch_size, fewer num_microbatches), "
-                    "module.eval() to normalise with the running statistics, or a per-example "
-                    "norm (LayerNorm, GroupNorm)"
+                    "2 or more examples (a larger microbatch_size, fewer num_microbatches; "
+                    "a batch of one example: DataLoader(drop_last=True)), module.eval() to "
+                    "normalise with the running statistics, or a per-example norm "
+                    "(LayerNorm, GroupNorm)"
                 ) from error
             raise
 

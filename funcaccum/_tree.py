@@ -103,10 +103,17 @@ class Leaves:
     it. Operators between two ``Leaves``, or with a Python number, are fine.
     """
 
-    __slots__ = ("tensors",)
+    __slots__ = ("scalars", "tensors")
 
-    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+    def __init__(
+        self, tensors: Sequence[torch.Tensor], scalars: tuple[int, ...] | None = None
+    ) -> None:
         self.tensors = list(tensors)
+        # Where the 0-d leaves are (found once per tree, passed on by each op): the only
+        # results a 0-d tensor operand can widen (see _scalar_kept_narrow).
+        if scalars is None:
+            scalars = tuple(i for i, x in enumerate(self.tensors) if x.ndim == 0)
+        self.scalars = scalars
 
     def _apply(
         self,
@@ -120,9 +127,9 @@ class Leaves:
             out = [single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)]
         else:
             out = foreach(self.tensors, *_pick(other, lists, None))
-        if any(isinstance(o, torch.Tensor) for o in other):
-            out = _scalar_kept_narrow(out, tensors)
-        return Leaves(out)
+        if self.scalars and any(isinstance(o, torch.Tensor) for o in other):
+            out = _scalar_kept_narrow(out, tensors, self.scalars)
+        return Leaves(out, self.scalars)
 
     def add(self, other: Leaves | Scalar) -> Leaves:
         """Elementwise ``self + other``."""
@@ -145,12 +152,15 @@ class Leaves:
     def addmul(self, other: Leaves, factor: torch.Tensor) -> Leaves:
         """Elementwise ``self + other * factor`` (a 0-d ``factor``) in one op, not two."""
         n = len(self.tensors)
+        out: Sequence[torch.Tensor]
         if any(torch._C._functorch.is_batchedtensor(x) for x in (*self.tensors, *other.tensors)):
             pairs = zip(self.tensors, other.tensors, strict=True)
             out = [torch.addcmul(x, y, factor) for x, y in pairs]
         else:
             out = torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n)
-        return Leaves(_scalar_kept_narrow(out, [self.tensors, other.tensors]))
+        if self.scalars:
+            out = _scalar_kept_narrow(out, [self.tensors, other.tensors], self.scalars)
+        return Leaves(out, self.scalars)
 
     def __neg__(self) -> Leaves:
         return self._apply(torch._foreach_neg, torch.neg)
@@ -173,11 +183,12 @@ class Leaves:
 
     def to_dtypes_of(self, other: Leaves) -> Leaves:
         """Each tensor cast to the dtype of its counterpart in ``other`` (no copy if equal)."""
-        return Leaves([x.to(y.dtype) for x, y in zip(self.tensors, other.tensors, strict=True)])
+        pairs = zip(self.tensors, other.tensors, strict=True)
+        return Leaves([x.to(y.dtype) for x, y in pairs], self.scalars)
 
 
 def _scalar_kept_narrow(
-    out: Sequence[torch.Tensor], operands: list[list[torch.Tensor]]
+    out: Sequence[torch.Tensor], operands: list[list[torch.Tensor]], scalars: tuple[int, ...]
 ) -> list[torch.Tensor]:
     """``out`` with a 0-d scalar tensor's dtype kept out of 0-d leaves' results.
 
@@ -188,7 +199,8 @@ def _scalar_kept_narrow(
     back to the dtype its tensor operands give, as for every other leaf.
     """
     kept = list(out)
-    for i, y in enumerate(out):
+    for i in scalars:
+        y = out[i]
         if y.ndim != 0 or not y.is_floating_point():
             continue
         dtypes = [xs[i].dtype for xs in operands]

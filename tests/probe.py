@@ -95,7 +95,8 @@ def params(dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
 
 def batch(n: int = 8, dtype: torch.dtype = torch.float32, seed: int = 1) -> dict[str, torch.Tensor]:
     g = gen(seed)
-    return {"x": torch.randn(n, 3, generator=g, dtype=dtype), "y": torch.randn(n, generator=g, dtype=dtype)}  # fmt: skip
+    x = torch.randn(n, 3, generator=g, dtype=dtype)
+    return {"x": x, "y": torch.randn(n, generator=g, dtype=dtype)}
 
 
 def loss_fn(p: dict, b: Mapping) -> torch.Tensor:
@@ -372,7 +373,7 @@ def _like_reducer(tmp: Path) -> None:
 
 @case("checkpoint", "load-like-with-model-state", "state.params")
 def _like_model_state(tmp: Path) -> None:
-    s, state, _, _ = bn_setup()
+    _, state, _, _ = bn_setup()
     fa.load(saved(tmp, state), like=template(), restore_rng=False)
 
 
@@ -413,7 +414,8 @@ def _round_trip(tmp: Path) -> None:
     path, like = trained_state(tmp)
     loaded = fa.load(path, like=like, restore_rng=False).state
     reference = torch.load(path, weights_only=True)
-    assert loaded.params["w"].shape == (3,) and reference["format"] == "funcaccum-checkpoint"
+    assert loaded.params["w"].shape == (3,)
+    assert reference["format"] == "funcaccum-checkpoint"
 
 
 # --- Strategies of one's own -----------------------------------------------------------------
@@ -446,7 +448,8 @@ def scan_run(folder: Any, p: Any, state: Any, group: Any, model_state: Any) -> A
 
 def fold_first_only(folder: Any, p: Any, state: Any, group: Any, model_state: Any) -> Any:
     first = torch.utils._pytree.tree_map(lambda x: x[:1], group.batch)
-    grads, out = folder.value_and_grad(p, model_state, {k: v[0] for k, v in first.items()}, group.size)  # fmt: skip
+    microbatch = {k: v[0] for k, v in first.items()}
+    grads, out = folder.value_and_grad(p, model_state, microbatch, group.size)
     state = folder.add(state, grads, out)
     return state, fa.extend.MicrobatchOutput(out.loss[None], out.weight[None]), model_state
 
@@ -648,7 +651,8 @@ def _bf16_bn(_tmp: Path) -> None:
     s = fa.train_step(bn_loss(apply), optimizer=optim.sgd(0.1), compute_dtype=torch.bfloat16,
                       accumulation=fa.Accumulation(num_microbatches=2, has_state=True))  # fmt: skip
     state, metrics = s(s.init(p, model_state=buffers), batch())
-    assert not metrics.skipped and state.model_state["1.running_mean"].dtype == torch.float32
+    assert not metrics.skipped
+    assert state.model_state["1.running_mean"].dtype == torch.float32
 
 
 @case("model_state", "bf16-compute-batch-norm-vmap", works=True)
@@ -660,7 +664,8 @@ def _bf16_bn_vmap(_tmp: Path) -> None:
                       accumulation=fa.Accumulation(num_microbatches=2, has_state=True,
                                                    strategy=strategy))  # fmt: skip
     state, metrics = s(s.init(p, model_state=buffers), batch())
-    assert not metrics.skipped and state.model_state["1.running_mean"].dtype == torch.float32
+    assert not metrics.skipped
+    assert state.model_state["1.running_mean"].dtype == torch.float32
 
 
 @case("model_state", "batch-norm-without-running-stats", works=True)
@@ -669,7 +674,7 @@ def _bn_untracked(_tmp: Path) -> None:
     apply, p, buffers = fa.functional_model(model)
     s = step(loss=lambda q, b: ((apply(q, buffers, b["x"]).squeeze(-1) - b["y"]) ** 2).mean(),
              num_microbatches=2)  # fmt: skip
-    state, metrics = s(s.init(p), batch())
+    _, metrics = s(s.init(p), batch())
     assert not metrics.skipped
 
 
@@ -891,7 +896,7 @@ def mapping_works(wrap: Callable[[dict], Mapping], where: str) -> Callable[[Path
             close(result.grads, full_grad(params(), b))
         elif where == "step":
             s = step(num_microbatches=3)
-            state, metrics = s(s.init(params()), wrap(b))
+            _, metrics = s(s.init(params()), wrap(b))
             torch.testing.assert_close(metrics.loss, loss_fn(params(), b))
         elif where == "fold":
             s = step(num_microbatches=3)
@@ -939,8 +944,10 @@ def grad_batch(strategy: str, how: str) -> None:
 
 for strategy_name in ("vmap", "scan"):
     for how in ("accumulate", "step"):
-        CASES.append(Case("batch", f"requires-grad-{strategy_name}-{how}",
-                          lambda _t, s=strategy_name, h=how: grad_batch(s, h), works=True))  # fmt: skip
+        CASES.append(Case(
+            "batch", f"requires-grad-{strategy_name}-{how}",
+            lambda _t, s=strategy_name, h=how: grad_batch(s, h), works=True,
+        ))  # fmt: skip
 
 
 refuse("batch", "numpy-leaf", lambda: fa.accumulate(loss_fn, params(), {"x": np.zeros((4, 3)), "y": torch.zeros(4)}), "batch['x']")  # noqa: E501
@@ -1092,15 +1099,15 @@ def _iterable(_tmp: Path) -> None:
     s = step(num_microbatches=2)
     loader = torch.utils.data.DataLoader(Stream(), batch_size=4)
     _, summary = fa.run_epoch(s, s.init(params()), loader, progress=True)
-    assert summary.steps == 3 and int(summary.weight) == 10
+    assert (summary.steps, int(summary.weight)) == (3, 10)
 
 
 @case("epoch", "short-last-batch", works=True)
 def _short_last(_tmp: Path) -> None:
     s = step(num_microbatches=4)
     loader = [batch(8), batch(8), batch(3)]
-    state, summary = fa.run_epoch(s, s.init(params()), loader)
-    assert summary.steps == 3 and int(summary.weight) == 19, summary
+    _, summary = fa.run_epoch(s, s.init(params()), loader)
+    assert (summary.steps, int(summary.weight)) == (3, 19), summary
 
 
 @case("epoch", "exhausted-generator", "batches")
@@ -1125,7 +1132,8 @@ def _log_lines(_tmp: Path) -> None:
     with contextlib.redirect_stdout(out):
         fa.run_epoch(s, s.init(params()), [batch()] * 4, progress=True)
     lines = [line for line in out.getvalue().splitlines() if line.strip()]
-    assert len(lines) >= 4 and all("loss" in line for line in lines[:4]), out.getvalue()
+    assert len(lines) >= 4, out.getvalue()
+    assert all("loss" in line for line in lines[:4]), out.getvalue()
 
 
 # --- The testing toolkit -------------------------------------------------------------------
@@ -1170,7 +1178,7 @@ refuse("state", "adaptive-batching-with-mean", lambda: fa.AdaptiveBatching(step(
 refuse("state", "adaptive-batching-controller", lambda: fa.AdaptiveBatching(step(reducer=fa.adaptive()), controller="greedy"), "controller")  # noqa: E501
 refuse("state", "accumulation-a-dict", lambda: fa.train_step(loss_fn, optimizer=optim.sgd(0.1), accumulation={"num_microbatches": 2}), "accumulation")  # noqa: E501
 refuse("state", "compile-a-string", lambda: fa.train_step(loss_fn, optimizer=optim.sgd(0.1), compile="fast"), "compile")  # noqa: E501
-refuse("state", "loss-fn-none", lambda: fa.train_step(None, optimizer=optim.sgd(0.1)), "loss_fn")  # noqa: E501
+refuse("state", "loss-fn-none", lambda: fa.train_step(None, optimizer=optim.sgd(0.1)), "loss_fn")
 refuse("state", "flag-a-string", lambda: fa.Accumulation(has_aux="yes"), "has_aux")
 refuse("state", "both-splits", lambda: fa.Accumulation(num_microbatches=2, microbatch_size=2), "num_microbatches")  # noqa: E501
 refuse("state", "clipped-noise-without-denominator", lambda: fa.clipped_mean(1.0, noise_multiplier=1.0), "denominator")  # noqa: E501
@@ -1181,7 +1189,8 @@ refuse("state", "mean-denominator-zero", lambda: fa.mean(denominator=0), "denomi
 def _skip_counted(_tmp: Path) -> None:
     s = step()
     state, metrics = s(s.init(params()), {"x": torch.full((4, 3), NAN), "y": torch.zeros(4)})
-    assert bool(metrics.skipped) and int(state.skipped) == 1
+    assert bool(metrics.skipped)
+    assert int(state.skipped) == 1
 
 
 # --- Ranks (two gloo processes; each case in its own processes) --------------------------
@@ -1251,7 +1260,7 @@ def rank_worker(rank: int, port: str, name: str) -> None:
         result = {"outcome": "returned", "w": state.params.get("w", state.params.get("weight")).tolist()}  # noqa: E501
     except fa.FuncaccumError as error:
         result = {"outcome": "FuncaccumError", "message": str(error)}
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         result = {"outcome": type(error).__name__, "message": str(error)[:500]}
     print("RESULT " + json.dumps(result), flush=True)
     fa.distributed.destroy_process_group()
@@ -1264,9 +1273,10 @@ def run_ranks(name: str, words: tuple[str, ...], timeout: float = 90) -> tuple[s
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
+    command = [sys.executable, __file__, "--rank-worker"]
     processes = [
-        subprocess.Popen([sys.executable, __file__, "--rank-worker", str(rank), port, name],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen([*command, str(rank), port, name], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
         for rank in range(2)
     ]
     results, codes = [], []
@@ -1320,7 +1330,7 @@ def classify(item: Case, tmp: Path) -> tuple[str, str]:
         return "silent", f"wrong: {str(error)[:300]}"
     except item.also_clear as error:
         return "clear", f"{type(error).__name__}: {str(error)[:300]}"
-    except Exception as error:  # noqa: BLE001
+    except Exception as error:
         return "obscure", f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"  # noqa: E501
     if item.works:
         return "clear", "worked"

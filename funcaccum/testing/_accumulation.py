@@ -12,7 +12,7 @@ from torch.func import grad_and_value
 from .. import tree
 from .._accumulate import accumulate
 from .._folder import LossFn
-from .._microbatch import split_microbatches
+from .._microbatch import as_batch, split_microbatches
 from .._strategy import Strategy, chunked, vmap
 from .._tree import PyTree
 
@@ -203,6 +203,7 @@ def assert_accumulation_exact(
         ...
         AssertionError: ... loss_fn normalises each microbatch by its own count...
     """
+    batch = as_batch(batch)
     if dtype is not None:
         params = tree.cast(params, dtype)
         batch = tree.cast(batch, dtype)
