@@ -223,7 +223,7 @@ class Runner:
         """
         accumulation = self.accumulation
         if folded is None:
-            folded = Folded(accumulation.init(params), model_state)
+            folded = Folded(_fold.init(accumulation.reducer, params), model_state)
         state, model_state = folded.state, folded.model_state
         outputs: list[PyTree] = [] if folded.aux is None else [folded.aux]
         for group in accumulation.split(batch):

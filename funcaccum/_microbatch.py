@@ -89,6 +89,7 @@ BatchDim = Any
 """Where each batch leaf holds its examples: an int for every leaf, or a pytree prefix of ints."""
 
 _DICTS = (dict, OrderedDict, defaultdict)  # the mappings optree flattens; other ones are leaves
+_CONTAINERS = (Mapping, list, tuple)
 
 
 def as_batch(batch: Any) -> PyTree:
@@ -105,9 +106,11 @@ def as_batch(batch: Any) -> PyTree:
     """
     if isinstance(batch, Mapping) and not isinstance(batch, _DICTS):
         return {key: as_batch(value) for key, value in batch.items()}
+    # Containers are rebuilt only where one of them holds a container (cheap per step).
     if type(batch) is dict:
-        return {key: as_batch(value) for key, value in batch.items()}
-    if type(batch) in (list, tuple):
+        if any(isinstance(value, _CONTAINERS) for value in batch.values()):
+            return {key: as_batch(value) for key, value in batch.items()}
+    elif type(batch) in (list, tuple) and any(isinstance(v, _CONTAINERS) for v in batch):
         return type(batch)(as_batch(value) for value in batch)
     return batch
 

@@ -103,17 +103,22 @@ class Leaves:
     it. Operators between two ``Leaves``, or with a Python number, are fine.
     """
 
-    __slots__ = ("scalars", "tensors")
+    __slots__ = ("_scalars", "tensors")
 
     def __init__(
         self, tensors: Sequence[torch.Tensor], scalars: tuple[int, ...] | None = None
     ) -> None:
         self.tensors = list(tensors)
-        # Where the 0-d leaves are (found once per tree, passed on by each op): the only
-        # results a 0-d tensor operand can widen (see _scalar_kept_narrow).
-        if scalars is None:
-            scalars = tuple(i for i, x in enumerate(self.tensors) if x.ndim == 0)
-        self.scalars = scalars
+        self._scalars = scalars
+
+    @property
+    def scalars(self) -> tuple[int, ...]:
+        """Where the 0-d leaves are: the only results a 0-d tensor operand can widen (see
+        ``_scalar_kept_narrow``). Found once, when an op first has such an operand, and
+        passed on to the results."""
+        if self._scalars is None:
+            self._scalars = tuple(i for i, x in enumerate(self.tensors) if x.ndim == 0)
+        return self._scalars
 
     def _apply(
         self,
@@ -127,9 +132,9 @@ class Leaves:
             out = [single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)]
         else:
             out = foreach(self.tensors, *_pick(other, lists, None))
-        if self.scalars and any(isinstance(o, torch.Tensor) for o in other):
+        if any(isinstance(o, torch.Tensor) for o in other) and self.scalars:
             out = _scalar_kept_narrow(out, tensors, self.scalars)
-        return Leaves(out, self.scalars)
+        return Leaves(out, self._scalars)
 
     def add(self, other: Leaves | Scalar) -> Leaves:
         """Elementwise ``self + other``."""
@@ -184,7 +189,7 @@ class Leaves:
     def to_dtypes_of(self, other: Leaves) -> Leaves:
         """Each tensor cast to the dtype of its counterpart in ``other`` (no copy if equal)."""
         pairs = zip(self.tensors, other.tensors, strict=True)
-        return Leaves([x.to(y.dtype) for x, y in pairs], self.scalars)
+        return Leaves([x.to(y.dtype) for x, y in pairs], self._scalars)
 
 
 def _scalar_kept_narrow(

@@ -4,8 +4,8 @@
 schedules, batches, weights, dtypes, the epoch loop, the testing toolkit and data-parallel
 ranks; ``python tests/probe.py`` prints how each one fares. Here each must be ``clear``: a
 ``FuncaccumError`` that names the thing (the words the case lists), or, for an input that
-should work, the right answer. Before issue 23, 107 of them were; docs/pitfalls.md ("Bad
-input") has the counts.
+should work, the right answer. Before issue 23, 110 of them were; docs/pitfalls.md (13, "Bad
+input accepted with a wrong answer") has the counts.
 """
 
 from __future__ import annotations
