@@ -13,7 +13,7 @@ Pytree arithmetic is in :mod:`funcaccum.tree`; data parallelism in
 protocols for one's own strategies and reducers in :mod:`funcaccum.extend`.
 """
 
-from . import distributed, extend, optim, tree
+from . import _torchvision, distributed, extend, optim, tree
 from ._accumulate import Accumulation, MicrobatchGrads, accumulate, microbatch_grads
 from ._adaptive import adaptive
 from ._adaptive_batching import AdaptiveBatching
@@ -31,6 +31,9 @@ from ._strategy import chunked, scan, vmap
 from ._train import StepMetrics, TrainState, TrainStep, train_step
 
 __version__ = "0.1.0"
+
+# torchvision from PyPI beside torch's CPU build: let it import (see funcaccum/_torchvision.py).
+_torchvision.install()
 
 __all__ = [
     "Accumulated",

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import optree
 import torch
 
 from . import _fold
-from ._compile import CompileMode
+from ._compile import CompileMode, traced
 from ._errors import FuncaccumError
-from ._fold import Accumulated, Folded, FoldState, LossSpec
+from ._fold import Accumulated, Folded, FoldState, LossSpec, MicrobatchOutput
 from ._folder import Folder, LossFn, Randomness, check_randomness
 from ._mean import mean
-from ._microbatch import BatchDim, MicrobatchGroup, batch_size, plan_microbatches
+from ._microbatch import BatchDim, MicrobatchGroup, as_batch, batch_size, plan_microbatches
 from ._microbatch import split_microbatches as _split_microbatches
-from ._reducer import Reducer
+from ._reducer import Maximum, Reducer
 from ._strategy import GroupRunner, Strategy, as_strategy, concat
-from ._tree import PyTree
-from ._validate import check_bool, check_int
+from ._tree import PyTree, leaf_paths
+from ._validate import check_bool, check_int, check_params, describe
 
 __all__ = [
     "Accumulation",
@@ -197,6 +198,7 @@ class Accumulation:
 
         A process with no examples in a step contributes this to the merge.
         """
+        _check_params(params)
         return _fold.init(self.reducer, params)
 
     def fold(
@@ -214,6 +216,12 @@ class Accumulation:
                 "Accumulation.fold drops the model state a has_state loss leaves; fold with "
                 "TrainStep.fold, which returns it, or with runner(loss_fn).fold"
             )
+        if state is not None and not isinstance(state, FoldState):
+            raise FuncaccumError(
+                "Accumulation.fold(loss_fn, params, batch, state) continues a FoldState (what "
+                f"init and fold return), or None to start one; got {describe(state)}"
+            )
+        _check_params(params)
         return (
             self.runner(loss_fn).fold(params, batch, None if state is None else Folded(state)).state
         )
@@ -268,18 +276,87 @@ class Runner:
         """
         accumulation = self.accumulation
         if folded is None:
-            folded = Folded(accumulation.init(params), model_state)
+            folded = Folded(_fold.init(accumulation.reducer, params), model_state)
             self.folder.own(folded.state)  # new here: the strategy may sum into it in place
         state, model_state = folded.state, folded.model_state
         outputs: list[PyTree] = [] if folded.aux is None else [folded.aux]
+        start, planned = state.microbatches, 0
         try:
             for group in accumulation.split(batch):
-                state, out, model_state = self.run_group(params, state, group, model_state)
+                ran = self.run_group(params, state, group, model_state)
+                state, out, model_state = self._checked(ran, state)
+                planned += group.count
                 outputs.append(out.aux)
         finally:
             self.folder.own(None)  # what is returned is the caller's
-        aux = concat(outputs) if accumulation.has_aux and outputs else None
-        return Folded(state, model_state, aux)
+        # A strategy of one's own that folds part of its group (or a microbatch twice)
+        # leaves another count: its weight sum becomes NaN, which the step's guard skips
+        # and TrainStep.check_skips (or accumulate) names, with no read from the device.
+        weight_sum = torch.where(state.microbatches == start + planned, state.weight_sum, torch.nan)
+        state = FoldState(state.reducer, state.loss_sum, weight_sum, state.microbatches)
+        return Folded(state, model_state, concat(outputs) if accumulation.has_aux else None)
+
+    def _checked(
+        self, ran: object, before: FoldState
+    ) -> tuple[FoldState, MicrobatchOutput, PyTree]:
+        """What a group runner returned, checked statically: its types, and the reducer
+        state's tree, shapes and dtypes against ``before``."""
+        name = type(self.accumulation.strategy).__name__
+        if not (isinstance(ran, tuple) and len(ran) == 3):
+            raise FuncaccumError(
+                f"{name}'s run(params, state, group, model_state) must return (state, outputs, "
+                f"model_state), got {describe(ran)}"
+            )
+        state, out, model_state = ran
+        if not isinstance(state, FoldState):
+            raise FuncaccumError(
+                f"{name}'s run returned {describe(state)} as its state, where a FoldState "
+                "belongs: fold each microbatch with folder.add, which returns it"
+            )
+        if not isinstance(out, MicrobatchOutput):
+            raise FuncaccumError(
+                f"{name}'s run returned {describe(out)} as its outputs, where the stacked "
+                "MicrobatchOutput of the group belongs (folder.value_and_grad returns one per "
+                "microbatch)"
+            )
+        _check_same_layout(before.reducer, state.reducer, name)
+        return state, out, model_state
+
+
+def _check_same_layout(before: PyTree, after: PyTree, strategy: str) -> None:
+    """Refuse a reducer state whose tree, shapes or dtypes a fold changed (static: no read)."""
+    old, old_def = optree.tree_flatten(before, is_leaf=_is_maximum)
+    new, new_def = optree.tree_flatten(after, is_leaf=_is_maximum)
+    same = old_def == new_def and all(
+        _layout(a) == _layout(b) for a, b in zip(old, new, strict=True)
+    )
+    if same:
+        return
+    changed = [
+        f"{path}: {_layout(a)} became {_layout(b)}"
+        for (path, a), (_, b) in zip(
+            leaf_paths(before, "state.reducer"), leaf_paths(after, "state.reducer"), strict=False
+        )
+        if _layout(a) != _layout(b)
+    ] or [f"its tree changed from {old_def} to {new_def}"]
+    raise FuncaccumError(
+        f"{strategy}'s fold changed the reducer state ({changed[0]}): the gradients handed to "
+        "folder.add must be shaped like the params (one microbatch with a 0-d weight), or "
+        "stacked (c, *param.shape) with (c,) weights; a sum of another shape would broadcast "
+        "into the params"
+    )
+
+
+def _is_maximum(x: object) -> bool:
+    return isinstance(x, Maximum)
+
+
+def _layout(leaf: object) -> object:
+    if isinstance(leaf, Maximum):
+        leaf = leaf.value
+    if isinstance(leaf, torch.Tensor):
+        return (tuple(leaf.shape), leaf.dtype)
+    return type(leaf).__name__
 
 
 def accumulate(
@@ -341,8 +418,40 @@ def accumulate(
         num_microbatches=num_microbatches, microbatch_size=microbatch_size, has_aux=has_aux,
         has_weight=has_weight, batch_dim=batch_dim,
     )  # fmt: skip
+    _check_params(params)
+    batch = as_batch(batch)
+    planned = sum(count for count, _ in options.plan(batch))
     folded = options.runner(loss_fn).fold(params, batch)
-    return options.finalize(folded.state, folded.aux)
+    result = options.finalize(folded.state, folded.aux)
+    if not traced():  # one read per call, to refuse a meaningless result
+        _check_result(result.weight, folded.state.microbatches, planned)
+    return result
+
+
+def _check_params(params: PyTree) -> None:
+    """Refuse params that cannot be differentiated, naming the leaf; or no params at all."""
+    check_params(params)
+    if not optree.tree_leaves(params):
+        raise FuncaccumError(
+            f"params has no tensor leaves ({describe(params)}): there is nothing to differentiate"
+        )
+
+
+def _check_result(weight: torch.Tensor, folded: torch.Tensor, planned: int) -> None:
+    """Refuse a sum of weights that is not finite and > 0, or a fold of another count."""
+    weight_value, folded_count = torch.stack([weight.double(), folded.double()]).tolist()
+    if folded_count != planned:
+        raise FuncaccumError(
+            f"the strategy folded {folded_count:g} microbatches where the batch was planned into "
+            f"{planned}: a strategy of one's own must fold each microbatch of every group "
+            "exactly once (folder.add with its gradient)"
+        )
+    if not (math.isfinite(weight_value) and weight_value > 0):
+        raise FuncaccumError(
+            f"the summed weight is {weight_value:g}: a weight must be finite and >= 0, with a "
+            "positive sum. A weight loss_fn returned (has_weight=True) was negative or NaN, or "
+            "every weight was zero (no valid tokens in the batch?); the mean is undefined"
+        )
 
 
 class MicrobatchGrads(NamedTuple):
@@ -391,6 +500,7 @@ def microbatch_grads(
         num_microbatches=num_microbatches, microbatch_size=microbatch_size, has_aux=has_aux,
         has_weight=has_weight, batch_dim=batch_dim,
     )  # fmt: skip
+    _check_params(params)
     folder = Folder(loss_fn, options.reducer, options.spec)
     batched = folder.vmap(
         folder.value_and_grad, (None, None, 0, None), check_randomness(randomness)

@@ -381,6 +381,7 @@ def adaptive(
     def update_carry(
         carry: AdaptiveCarry, stats: AdaptiveStats
     ) -> tuple[AdaptiveCarry, AdaptiveStats, Control]:
+        check_state(carry, AdaptiveCarry, owner="adaptive()", role="carry update")
         trace, grad_sq, n, k = stats.noise_trace, stats.grad_sq, stats.weight, stats.units
         valid = torch.isfinite(trace) & torch.isfinite(grad_sq) & (k >= 2)
         beta = torch.where(valid, torch.full_like(k, decay) ** k, torch.ones_like(k))

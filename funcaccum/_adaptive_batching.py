@@ -108,9 +108,11 @@ class AdaptiveBatching:
             target = self.k_initial or int(control.suggested_k(state.reducer_carry))
             self.k_initial = None
         folded: Folded | None = None
+        planned = 0  # what the folds should count, for check_skips
         for count, microbatch in enumerate(microbatches, start=1):
             # Each microbatch sees the model state the one before it left (folded carries it).
             folded = self.step.fold(state, microbatch, folded)
+            planned += sum(groups for groups, _ in self.step.accumulation.plan(microbatch))
             if self.controller == "predictive":
                 if count >= target:
                     break
@@ -122,7 +124,7 @@ class AdaptiveBatching:
                 "run until it is, iterate over runner.steps(state, microbatches))"
             )
         state, metrics = self.step.apply(state, folded)
-        self.step.check_skips(state, metrics)
+        self.step.check_skips(state, metrics, microbatches=planned)
         return state, metrics
 
     def steps(

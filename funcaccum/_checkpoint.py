@@ -8,13 +8,20 @@ default ``weights_only=True``, and any NamedTuple works, the user's included.
 :func:`load` rebuilds the tree in the classes of a template state (``like=``,
 e.g. ``step.init(params)``), checking kinds, keys, fields, shapes and dtypes
 node by node, so a checkpoint of another configuration fails with the first
-path that differs instead of loading into the wrong places.
+path that differs instead of loading into the wrong places. Every tensor has
+a CRC-32 checksum of its bytes, and the file a SHA-256 digest of everything
+else (the tree, metadata, random-number states and those checksums); both are
+verified on load, so a flipped byte names the tensor, or the file, it broke.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import importlib
 import os
+import pickle
+import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,11 +31,12 @@ import torch
 
 from ._errors import FuncaccumError
 from ._tree import PyTree
+from ._validate import describe
 
 __all__ = ["Checkpoint", "load", "save"]
 
 _FORMAT = "funcaccum-checkpoint"
-_VERSION = 1
+_VERSION = 2  # 2: a checksum per tensor and one for the file
 # Leaves kept as they are, besides tensors and None; exact types (a str or float subclass,
 # numpy's float64 included, is a class that weights_only=True would refuse to load).
 _VALUES = (bool, int, float, str)
@@ -76,6 +84,11 @@ def _key_path(path: str, key: Any) -> str:
 def _encode(tree: Any, path: str, leaves: list[torch.Tensor]) -> dict[str, Any]:
     """The tree as plain values, with each tensor moved to ``leaves`` and named by index."""
     if isinstance(tree, torch.Tensor):
+        if tree.is_meta:
+            raise FuncaccumError(
+                f"cannot save {path}: it is a meta tensor, which holds no values (materialise "
+                "the model first: module.to_empty(device=...) and initialise it)"
+            )
         leaves.append(tree.detach())
         return {"kind": "tensor", "index": len(leaves) - 1}
     if tree is None:
@@ -146,6 +159,45 @@ def _batches_consumed(state: Any) -> int | None:
     return None
 
 
+def _tensor_checksum(tensor: torch.Tensor) -> int:
+    """CRC-32 of the tensor's dtype, shape and bytes (read in place on the CPU, no copy)."""
+    t = tensor.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    t = t.cpu().contiguous()
+    crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+    size = t.numel() * t.element_size()
+    if size:
+        crc = zlib.crc32(memoryview((ctypes.c_ubyte * size).from_address(t.data_ptr())), crc)
+    return crc
+
+
+def _described(value: Any) -> Any:
+    """``value`` with each tensor replaced by its checksum: what the file digest covers."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", _tensor_checksum(value))
+    if isinstance(value, dict):
+        return [(key, _described(item)) for key, item in value.items()]
+    if isinstance(value, list | tuple):
+        return [_described(item) for item in value]
+    return value
+
+
+def _file_digest(payload: dict[str, Any]) -> str:
+    """SHA-256 of everything in the payload but the tensors' bytes (they have their own)."""
+    rest = {key: value for key, value in payload.items() if key not in ("leaves", "checksums")}
+    return hashlib.sha256(repr(_described(rest)).encode()).hexdigest()
+
+
+def _check_path(path: Any, verb: str) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise FuncaccumError(
+            f"path must be a str or an os.PathLike (the checkpoint file to {verb}), got "
+            f"{describe(path)}"
+        )
+    return Path(path)
+
+
 def save(
     path: str | os.PathLike[str],
     state: PyTree,
@@ -198,6 +250,15 @@ def save(
         (True, 1)
         >>> directory.cleanup()
     """
+    path = _check_path(path, "write")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise FuncaccumError(
+            f"metadata must be a dict of plain values by name, got {describe(metadata)}"
+        )
+    if generators is not None and not isinstance(generators, Mapping):
+        raise FuncaccumError(
+            f"generators must be a dict of torch.Generator by name, got {describe(generators)}"
+        )
     leaves: list[torch.Tensor] = []
     tree = _encode(state, "state", leaves)
     metadata = dict(metadata or {})
@@ -214,11 +275,27 @@ def save(
         "batches_consumed": _batches_consumed(state),
         "torch_version": str(torch.__version__),
     }
-    path = Path(path)
+    payload["checksums"] = {
+        "leaves": [_tensor_checksum(leaf) for leaf in leaves],
+        "file": _file_digest(payload),
+    }
+    if path.is_dir():
+        raise FuncaccumError(f"cannot save to {path}: it is a directory; name a file in it")
+    if not path.parent.is_dir():
+        raise FuncaccumError(
+            f"cannot save to {path}: its directory {path.parent} does not exist (or is not a "
+            "directory); create it first"
+        )
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         torch.save(payload, partial)
         os.replace(partial, path)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FuncaccumError(
+            f"cannot write the checkpoint {path}: {reason}. Check that its directory is "
+            "writable and has room (an earlier checkpoint at that path is left as it was)"
+        ) from error
     finally:
         partial.unlink(missing_ok=True)
 
@@ -445,6 +522,48 @@ def _restore_rng(payload: dict[str, Any], generators: Mapping[str, torch.Generat
         generator.set_state(saved[name]["state"])
 
 
+def _leaf_paths(node: dict[str, Any], path: str, into: dict[int, str]) -> dict[int, str]:
+    """Each saved tensor's index to its path in the state (``state.params['w']``)."""
+    kind = node.get("kind")
+    if kind == "tensor":
+        into[node["index"]] = path
+    elif kind == "namedtuple":
+        for field, child in zip(node["fields"], node["children"], strict=True):
+            _leaf_paths(child, f"{path}.{field}", into)
+    elif kind in ("tuple", "list"):
+        for i, child in enumerate(node["children"]):
+            _leaf_paths(child, f"{path}[{i}]", into)
+    elif kind in ("dict", "ordereddict"):
+        for key, child in zip(node["keys"], node["children"], strict=True):
+            _leaf_paths(child, _key_path(path, key), into)
+    return into
+
+
+def _verify(path: Path, payload: dict[str, Any]) -> None:
+    """Compare every tensor's checksum and the file's digest with those saved; raise on one."""
+    corrupt = f"the checkpoint {path} is corrupt: "
+    fix = ". The file changed after it was written (a bad disk or copy); load an earlier one"
+    try:
+        saved, leaves = payload["checksums"], payload["leaves"]
+        names = _leaf_paths(payload["tree"], "state", {})
+        if len(saved["leaves"]) != len(leaves):
+            raise FuncaccumError(f"{corrupt}it holds {len(leaves)} tensors, and checksums for "
+                                 f"{len(saved['leaves'])}{fix}")  # fmt: skip
+        for i, (leaf, checksum) in enumerate(zip(leaves, saved["leaves"], strict=True)):
+            if _tensor_checksum(leaf) != checksum:
+                raise FuncaccumError(
+                    f"{corrupt}the checksum of {names.get(i, f'tensor {i}')} (a {leaf.dtype} "
+                    f"tensor of shape {tuple(leaf.shape)}) differs from the one saved{fix}"
+                )
+        if _file_digest(payload) != saved["file"]:
+            raise FuncaccumError(
+                f"{corrupt}its digest differs from the one saved: the tree, the metadata or a "
+                f"random-number state changed{fix}"
+            )
+    except (KeyError, TypeError, AttributeError) as error:
+        raise FuncaccumError(f"{corrupt}its checksums cannot be read ({error!r}){fix}") from error
+
+
 def load(
     path: str | os.PathLike[str],
     *,
@@ -506,12 +625,12 @@ def load(
         the checkpoint ... does not match the template (like=) at state.opt_state: ...
         >>> directory.cleanup()
     """
-    path = Path(path)
+    path = _check_path(path, "read")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:  # no such file, no permission: as they are
+    except (FileNotFoundError, IsADirectoryError, PermissionError):  # as they are: they name it
         raise
-    except Exception as error:  # torch raises several kinds for a file it refuses or cannot parse
+    except pickle.UnpicklingError as error:  # weights_only refused a class the file names
         # torch's weights_only message is long; the line naming the refused class is the news.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         named = [line for line in lines if "GLOBAL" in line]
@@ -522,6 +641,12 @@ def load(
             f"pickled classes; write checkpoints with funcaccum.save). torch said: "
             f"{said}"
         ) from error
+    except Exception as error:  # torch raises several kinds for a file it cannot parse
+        said = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FuncaccumError(
+            f"cannot read {path}: it is truncated or corrupt, or not a file that torch.save "
+            f"(or funcaccum.save) wrote. Load an earlier checkpoint. torch said: {said}"
+        ) from error
     if not (isinstance(payload, dict) and payload.get("format") == _FORMAT):
         raise FuncaccumError(
             f"{path} is not a funcaccum checkpoint (write one with funcaccum.save)"
@@ -531,6 +656,8 @@ def load(
             f"{path} is a version {payload['version']} checkpoint; this funcaccum reads "
             f"version {_VERSION} and older: upgrade funcaccum"
         )
+    if payload["version"] >= 2:
+        _verify(path, payload)
     if not restore_rng and generators:
         raise FuncaccumError(
             "generators= restores random-number states: not with restore_rng=False"

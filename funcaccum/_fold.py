@@ -132,6 +132,11 @@ def init(reducer: Reducer, params: PyTree) -> FoldState:
     return FoldState(reducer.init(params), *scalar_zeros(params, 3))
 
 
+def _checked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` with each negative entry made NaN: it would subtract its microbatch."""
+    return torch.where(weight >= 0, weight, torch.nan)
+
+
 def add(
     reducer: Reducer,
     state: FoldState,
@@ -144,11 +149,13 @@ def add(
     """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
 
     With ``has_weight``, a microbatch the loss gives zero weight (all padding)
-    adds exactly nothing, even when its loss and gradient are 0/0 = NaN. With
+    adds exactly nothing, even when its loss and gradient are 0/0 = NaN. A
+    negative weight becomes NaN, as a NaN one is: the step's guard skips it
+    and :meth:`~funcaccum.TrainStep.check_skips` names it (no read here). With
     ``donate`` the caller gives ``state`` up, and a reducer whose ``update``
     takes ``donate=`` sums into its tensors instead of new ones.
     """
-    weight = output.weight.to(state.weight_sum.dtype)
+    weight = _checked_weight(output.weight.to(state.weight_sum.dtype))
     present = weight != 0
     if has_weight:
         grads = optree.tree_map(
@@ -223,7 +230,7 @@ def add_by_norms(
             "this strategy folds gradient norms, which needs a reducer that clips by norm "
             "(one with update_by_norms, such as clipped_mean)"
         )
-    weights = weights.to(state.weight_sum.dtype)
+    weights = _checked_weight(weights.to(state.weight_sum.dtype))
     return FoldState(
         _call(reducer.update_by_norms, donate, state.reducer, norms, weights, weighted_sum),
         state.loss_sum + loss_sum.to(state.loss_sum.dtype),

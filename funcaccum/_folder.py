@@ -10,6 +10,7 @@ compiles it) and the loop a Python loop; inside ``torch.compile`` or a
 from __future__ import annotations
 
 import contextlib
+import numbers
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -25,7 +26,8 @@ from ._fold import FoldState, LossSpec, MicrobatchOutput
 from ._functional import hold_parametrizations
 from ._microbatch import MicrobatchGroup, to_layout
 from ._reducer import Reducer
-from ._tree import PyTree, accum_dtype
+from ._tree import PyTree, accum_dtype, leaf_paths
+from ._validate import describe
 
 __all__ = ["Folder", "LossFn", "Randomness", "check_randomness", "stack"]
 
@@ -258,19 +260,48 @@ class Folder:
     def add(self, state: FoldState, grads: PyTree, output: MicrobatchOutput) -> FoldState:
         """Fold one microbatch (0-d weight) or a stacked chunk (``(c,)`` weights) into ``state``.
 
+        ``grads`` is a tree like the params: each leaf the param's shape for one
+        microbatch, or ``(c, *shape)`` stacked with ``(c,)`` weights.
+
         ``state`` is consumed: keep the state this returns, not the one given.
         Eagerly, a state this folder made (the fold's own accumulator, from
         :meth:`own` or an earlier ``add``) is summed into in place, as
         autograd accumulates ``.grad`` in a hand-written loop; a state from
         elsewhere is never written.
         """
+        if not isinstance(state, FoldState):
+            raise FuncaccumError(
+                f"folder.add(state, grads, output) folds into a FoldState, got {describe(state)}"
+            )
+        if not isinstance(output, MicrobatchOutput):
+            raise FuncaccumError(
+                "folder.add(state, grads, output) takes the MicrobatchOutput that "
+                f"folder.value_and_grad returned, got {describe(output)}"
+            )
         if self._compile_add or traced():
             return self._add(state, grads, output)
         donate = state is self._owned
-        self._owned = _fold.add(
-            self.reducer, state, grads, output, has_weight=self.spec.has_weight, donate=donate
-        )
-        return self._owned
+        try:
+            folded = _fold.add(
+                self.reducer, state, grads, output, has_weight=self.spec.has_weight, donate=donate
+            )
+        except (ValueError, RuntimeError, TypeError) as error:
+            if isinstance(error, FuncaccumError):
+                raise
+            self._owned = None  # it may hold part of a sum: never fold into it again
+            shapes = ", ".join(
+                f"{path}: {tuple(g.shape) if isinstance(g, torch.Tensor) else describe(g)}"
+                for path, g in leaf_paths(grads, "grads")
+            )
+            raise FuncaccumError(
+                "folder.add could not fold these gradients into the reducer's state: "
+                f"{str(error).splitlines()[0]}. The gradients must be a tree like the params "
+                "(the same keys; each leaf the param's shape for one microbatch with a 0-d "
+                "weight, or (c, *shape) for c stacked microbatches with (c,) weights); got "
+                f"{shapes or describe(grads)} with weight {tuple(output.weight.shape)}"
+            ) from error
+        self._owned = folded
+        return folded
 
     def add_by_norms(
         self,
@@ -333,6 +364,11 @@ class Folder:
         aux: PyTree = ()  # vmap and scan need tensor outputs; () stands for "no aux"
         if spec.has_aux:
             out, aux = _pair(out, "has_aux")
+            if not all(isinstance(leaf, torch.Tensor) for leaf in optree.tree_leaves(aux)):
+                raise FuncaccumError(
+                    "the aux loss_fn returns must be a tensor, or a tuple, list or dict of "
+                    f"tensors (they are stacked over microbatches), got {describe(aux)}"
+                )
         loss, weight = _pair(out, "has_weight") if spec.has_weight else (out, size)
         if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
             got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
@@ -350,12 +386,24 @@ class Folder:
                 f"loss_fn returned a {loss.dtype} loss; a loss must be a floating-point tensor "
                 "computed from the params (an integer loss has no gradient)"
             )
+        if not isinstance(weight, torch.Tensor) and (
+            isinstance(weight, bool) or not isinstance(weight, numbers.Real)
+        ):
+            raise FuncaccumError(
+                "the weight loss_fn returns must be a number or a 0-d real tensor (its count of "
+                f"examples or valid tokens), got {describe(weight)}"
+            )
         if isinstance(weight, int) and not traced():
             weight = self._size_weight(weight, loss.device)
-        weight = torch.as_tensor(weight, device=loss.device)
+        weight = torch.as_tensor(weight, device=loss.device).detach()
         if weight.ndim != 0:
             raise FuncaccumError(
                 f"the weight loss_fn returns must be 0-d, got shape {tuple(weight.shape)}"
+            )
+        if weight.dtype == torch.bool or weight.is_complex():
+            raise FuncaccumError(
+                f"the weight loss_fn returns is a {weight.dtype} tensor; it must be a real count "
+                "(of examples or valid tokens): mask.sum(), not a mask or a flag"
             )
         return loss, MicrobatchOutput(loss.detach(), weight, aux, new_state)
 
@@ -372,9 +420,7 @@ def _regions_if(regions: bool) -> compile_regions | contextlib.nullcontext[None]
     return compile_regions() if regions else contextlib.nullcontext()
 
 
-def _squares_hook(
-    squares: list[list[torch.Tensor]], leaf: int
-) -> Callable[[torch.Tensor], None]:
+def _squares_hook(squares: list[list[torch.Tensor]], leaf: int) -> Callable[[torch.Tensor], None]:
     """A gradient hook: the squared norm of one leaf's gradient, in the microbatch's row."""
 
     def record(grad: torch.Tensor) -> None:

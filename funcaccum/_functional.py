@@ -152,6 +152,8 @@ def _quietly(compiled_call: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
+
+
 def _sharded_part(module: nn.Module) -> str | None:
     """Where ``module`` is sharded: its first FSDP2 submodule or DTensor tensor, or None.
 
@@ -190,16 +192,93 @@ def refuse_sharded(module: object, what: str) -> None:
             "come back zero without an error. Train it with "
             "funcaccum.distributed.FullyShardedStep(module, loss_fn, ...), which runs each "
             "microbatch's backward through FSDP's own hooks (docs/scaling.md, \"Sharded "
-            "parameters\")."
+            'parameters").'
         )
 
 
 def _batch_norms_in_training(module: nn.Module) -> list[str]:
+    """Batch norms that write running statistics (one with ``track_running_stats=False`` keeps
+    none: it normalises each call with its batch's statistics, in either mode)."""
     return [
         name or type(module).__name__
         for name, sub in module.named_modules()
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm) and sub.training
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm)
+        and sub.training
+        and sub.track_running_stats
     ]
+
+
+def _modes(modules: list[nn.Module]) -> list[bool]:
+    return [sub.training for sub in modules]
+
+
+def _mode_error(module: nn.Module, captured: list[bool]) -> FuncaccumError:
+    changed = [
+        (name or type(module).__name__, was)
+        for (name, sub), was in zip(module.named_modules(), captured, strict=True)
+        if sub.training != was
+    ]
+    was = changed[0][1]
+    now, then = ("eval", "training") if was else ("training", "eval")
+    fix = "model.train()" if was else "model.eval()"
+    return FuncaccumError(
+        f"the module was made functional in {then} mode and is now in {now} mode (at "
+        f"{[n for n, _ in changed][:3]}): model.{'eval' if was else 'train'}() was called "
+        f"since. Its apply runs the mode it was made in, and only that one, so that it never "
+        f"trains in eval mode (no dropout, frozen batch norm) nor writes running statistics "
+        f"into the module's buffers by mistake: call {fix} before using it again; to run the "
+        f"module in the other mode, make an apply for it: "
+        f"functional_model(model.{'eval' if was else 'train'}())."
+    )
+
+
+def _mismatch(
+    module: nn.Module,
+    params: Any,
+    buffers: Any,
+    expected: dict[str, torch.Tensor],
+    error: BaseException,
+) -> FuncaccumError | None:
+    """Why ``params`` and ``buffers`` do not fit ``module``, or None (for an error's message)."""
+    for name, given in (("params", params), ("buffers", buffers)):
+        if not isinstance(given, dict):
+            return FuncaccumError(
+                f"apply(params, buffers, ...) takes dicts of tensors by name (what "
+                f"functional_model returned); {name} is {describe(given)}"
+            )
+    given = {**params, **buffers}
+    missing = sorted(expected.keys() - given.keys())
+    extra = sorted(given.keys() - expected.keys())
+    if missing or extra:
+        return FuncaccumError(
+            f"the params and buffers (the step's model_state) given to apply do not fit the "
+            f"{type(module).__name__}: missing {missing[:5]}, not in the module {extra[:5]}. "
+            "Pass the trees functional_model returned (or a state of the same module)"
+        )
+    dtypes = {
+        v.dtype for v in given.values() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    }
+    for name, want in expected.items():
+        got = given[name]
+        if not isinstance(got, torch.Tensor):
+            return FuncaccumError(f"apply: {name!r} must be a tensor, got {describe(got)}")
+        if got.shape != want.shape:
+            return FuncaccumError(
+                f"apply: {name!r} has shape {tuple(got.shape)}, where the module's is "
+                f"{tuple(want.shape)}: a state of another model?"
+            )
+        about_dtypes = any(word in str(error) for word in ("dtype", "scalar type"))
+        if about_dtypes and len(dtypes) > 1 and got.dtype != want.dtype and got.is_floating_point():
+            return FuncaccumError(
+                f"apply: {name!r} is {got.dtype}, where the module's is {want.dtype}, beside "
+                f"tensors of {sorted(str(d) for d in dtypes - {got.dtype})}, and torch "
+                f"refused the mix ({str(error).splitlines()[0]}): give params and buffers "
+                "one dtype (module.to(dtype) first)"
+            )
+    return None
+
+
+_ONE_VALUE = "Expected more than 1 value per channel"
 
 
 def _check_module(module: object) -> None:
@@ -241,6 +320,13 @@ def functional_model(
     funcaccum never writes into them. Frozen parameters go with the buffers.
     Tied weights appear once. :func:`load_into` writes trained values back.
 
+    The train/eval mode of every submodule is captured with the module and
+    checked at every call: after ``module.eval()`` (for an evaluation, say)
+    ``apply`` refuses to run until ``module.train()`` restores the mode it was
+    made in, so a step never trains in eval mode by mistake, nor does an
+    ``apply`` made in eval mode write running statistics into the module's
+    buffers. Make one ``apply`` per mode if you need both.
+
     Batch norm in training mode normalises each microbatch with its own
     statistics and updates its running statistics in place, so it is model
     state. With ``has_state=True``, ``apply(params, buffers, *args)`` returns
@@ -251,7 +337,10 @@ def functional_model(
     microbatch the state the one before it left, as the hand-written loop
     does. Without ``has_state``, such a module is refused: call
     ``module.eval()`` to normalise with the running statistics, or use a
-    per-example norm (LayerNorm, GroupNorm).
+    per-example norm (LayerNorm, GroupNorm). A batch norm with
+    ``track_running_stats=False`` keeps no state, and is accepted without
+    ``has_state``: each microbatch is normalised with its own statistics,
+    as in a hand-written loop (not the full batch's gradient).
 
     Args:
         module: the model.
@@ -262,10 +351,12 @@ def functional_model(
 
     Raises:
         FuncaccumError: ``module`` is not an ``nn.Module`` instance, it has no
-            trainable parameters, a batch-norm layer is in training mode
-            and ``has_state`` is False, or it is sharded (FSDP2's
-            ``fully_shard``, DTensor parameters): train that with
-            :class:`funcaccum.distributed.FullyShardedStep`.
+            trainable parameters, a batch-norm layer that tracks running
+            statistics is in training mode and ``has_state`` is False, or it
+            is sharded (FSDP2's ``fully_shard``, DTensor parameters): train
+            that with :class:`funcaccum.distributed.FullyShardedStep`; from
+            ``apply``, a mode changed since, or params and buffers that do not
+            fit the module (named).
 
     Example:
         >>> model = nn.Linear(3, 2)
@@ -294,11 +385,16 @@ def functional_model(
     buffers = {n: b.detach() for n, b in module.named_buffers()}
     state_names = set(buffers)
     buffers |= {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    expected = {**params, **buffers}
+    # The train/eval flag of every submodule is part of the function: captured now, checked
+    # at every call (a Python comparison, no device work).
+    modules = list(module.modules())
+    captured = _modes(modules)
 
     slots, regions = _Slots(module), _Regions(module)
 
-    def call(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-             args: tuple, kwargs: dict) -> Any:  # fmt: skip
+    def forward(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                args: tuple, kwargs: dict) -> Any:  # fmt: skip
         values = {**params, **buffers}
         swap = (
             slots.swap(values)
@@ -313,6 +409,31 @@ def functional_model(
         exits.append(lambda: swap.__exit__(None, None, None))
         with regions.engaged():
             return module(*args, **kwargs)
+
+    def call(params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+             args: tuple, kwargs: dict) -> Any:  # fmt: skip
+        if _modes(modules) != captured:
+            raise _mode_error(module, captured)
+        if torch.compiler.is_compiling():
+            return forward(params, buffers, args, kwargs)
+        try:
+            return forward(params, buffers, args, kwargs)
+        except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as error:
+            if isinstance(error, FuncaccumError):
+                raise
+            mismatch = _mismatch(module, params, buffers, expected, error)
+            if mismatch is not None:
+                raise mismatch from error
+            if _ONE_VALUE in str(error):
+                raise FuncaccumError(
+                    f"batch norm in training mode got one value per channel ({error}): a "
+                    "microbatch of one example has no batch statistics. Use microbatches of "
+                    "2 or more examples (a larger microbatch_size, fewer num_microbatches; "
+                    "a batch of one example: DataLoader(drop_last=True)), module.eval() to "
+                    "normalise with the running statistics, or a per-example norm "
+                    "(LayerNorm, GroupNorm)"
+                ) from error
+            raise
 
     if not has_state:
 
@@ -329,6 +450,11 @@ def functional_model(
     def apply_with_state(
         params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], *args: Any, **kwargs: Any
     ) -> tuple[Any, dict[str, torch.Tensor]]:
+        if not isinstance(buffers, dict):
+            raise FuncaccumError(
+                "apply(params, buffers, ...) takes the buffers (a step's model_state) as a dict by "
+                f"name, as functional_model returned them; got {describe(buffers)}"
+            )
         # The module updates buffers in place: give it copies, and return them.
         fresh = {n: b.clone() if n in state_names else b for n, b in buffers.items()}
         return call(params, fresh, args, kwargs), fresh

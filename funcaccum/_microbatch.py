@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import einops
@@ -15,6 +17,7 @@ from ._validate import check_int
 __all__ = [
     "BatchDim",
     "MicrobatchGroup",
+    "as_batch",
     "batch_dims",
     "batch_size",
     "plan_microbatches",
@@ -85,6 +88,32 @@ def plan_microbatches(
 BatchDim = Any
 """Where each batch leaf holds its examples: an int for every leaf, or a pytree prefix of ints."""
 
+_DICTS = (dict, OrderedDict, defaultdict)  # the mappings optree flattens; other ones are leaves
+_CONTAINERS = (Mapping, list, tuple)
+
+
+def as_batch(batch: Any) -> PyTree:
+    """``batch`` with every other Mapping taken as its dict, in dicts, lists and tuples.
+
+    A Hugging Face ``BatchEncoding`` (what its tokenizers and collators
+    return), a ``UserDict`` or a ``mappingproxy`` is a Mapping that pytrees
+    treat as one leaf; every place a batch enters reads it as the dict of its
+    items, so the loss gets a plain dict (``model(**batch)`` works the same).
+
+    >>> from collections import UserDict
+    >>> as_batch(UserDict({"x": torch.zeros(2)}))
+    {'x': tensor([0., 0.])}
+    """
+    if isinstance(batch, Mapping) and not isinstance(batch, _DICTS):
+        return {key: as_batch(value) for key, value in batch.items()}
+    # Containers are rebuilt only where one of them holds a container (cheap per step).
+    if type(batch) is dict:
+        if any(isinstance(value, _CONTAINERS) for value in batch.values()):
+            return {key: as_batch(value) for key, value in batch.items()}
+    elif type(batch) in (list, tuple) and any(isinstance(v, _CONTAINERS) for v in batch):
+        return type(batch)(as_batch(value) for value in batch)
+    return batch
+
 
 def batch_dims(batch: PyTree, batch_dim: BatchDim = 0) -> PyTree:
     """Each leaf's batch dimension, ``batch_dim`` broadcast over ``batch``'s leaves."""
@@ -105,8 +134,9 @@ def batch_size(batch: PyTree, batch_dim: BatchDim = 0) -> int:
     ``batch_dim`` says where each leaf holds its examples (0: leading). A
     leaf that disagrees with the others is named with its path and shape.
     """
+    batch = as_batch(batch)
     leaves = optree.tree_leaves(batch)
-    leading = all(isinstance(x, torch.Tensor) and x.ndim > 0 for x in leaves)
+    leading = all(isinstance(x, torch.Tensor) and x.ndim > 0 and not x.is_meta for x in leaves)
     if batch_dim == 0 and leaves and leading:
         leading_sizes = {x.shape[0] for x in leaves}
         if len(leading_sizes) == 1:
@@ -125,9 +155,15 @@ def batch_size(batch: PyTree, batch_dim: BatchDim = 0) -> int:
             )
         if leaf.ndim == 0:
             raise FuncaccumError(f"{path} is a 0-d tensor; batch leaves need a batch dimension")
+        if leaf.is_meta:
+            raise FuncaccumError(
+                f"{path} is on the meta device, where it holds no values; give the batch's "
+                "data on the params' device"
+            )
         if not -leaf.ndim <= dim < leaf.ndim:
             raise FuncaccumError(
-                f"{path} has shape {tuple(leaf.shape)}, which has no batch dimension {dim}"
+                f"{path} has shape {tuple(leaf.shape)}, which has no batch dimension {dim} "
+                f"(batch_dim={batch_dim!r})"
             )
         sizes[path] = (leaf.shape[dim], tuple(leaf.shape), dim)
     if len({size for size, _, _ in sizes.values()}) > 1:
@@ -165,7 +201,11 @@ def split_microbatches(
     """Split ``batch`` into at most two groups of equal-size microbatches.
 
     Every example lands in exactly one microbatch, in order; the groups are
-    views of the batch where the memory layout allows.
+    views of the batch where the memory layout allows, detached: funcaccum
+    differentiates in the params only, so a batch that requires grad (the
+    output of a model run outside) carries no graph into the results. A
+    Mapping that is not a dict (a Hugging Face ``BatchEncoding``) is taken as
+    its dict (:func:`as_batch`).
 
     Args:
         batch: a pytree of tensors sharing the leading batch dimension ``N``.
@@ -190,6 +230,7 @@ def split_microbatches(
         >>> [(g.count, g.size, tuple(g.batch["x"].shape)) for g in groups]  # (k, m, d)
         [(2, 3, (2, 3, 3)), (2, 2, (2, 2, 3))]
     """
+    batch = as_batch(batch)
     n = batch_size(batch, batch_dim)
     if batch_dim != 0:
         batch = optree.tree_map(lambda x, d: x.movedim(d, 0), batch, batch_dims(batch, batch_dim))
@@ -201,7 +242,7 @@ def split_microbatches(
         stop = start + count * size
         stacked = optree.tree_map(
             lambda x, a=start, b=stop, m=size: einops.rearrange(
-                x[a:b], "(k m) ... -> k m ...", m=m
+                x[a:b].detach(), "(k m) ... -> k m ...", m=m
             ),
             batch,
         )

@@ -274,9 +274,18 @@ def as_strategy(strategy: Strategy | str) -> Strategy:
                 f"one of {tuple(_SHORTHANDS)}, got {strategy!r}{hint}"
             )
         return _SHORTHANDS[strategy]()
-    if not isinstance(strategy, Strategy):
+    if isinstance(strategy, type) or not isinstance(strategy, Strategy):
+        what = f"the class {strategy.__name__}" if isinstance(strategy, type) else (
+            type(strategy).__name__
+        )
+        name = getattr(strategy, "__name__", "")
+        hint = ""
+        if isinstance(strategy, type):
+            hint = f": make one, {name}(...) (for the built-in ones, scan(), vmap(), ...)"
+        elif callable(strategy) and name:
+            hint = f": call it, {name}()"
         raise FuncaccumError(
-            "strategy must have a build(folder) method (the Strategy protocol), got "
-            f"{type(strategy).__name__}"
+            "strategy must be an object with a build(folder) method (the Strategy protocol), "
+            f"got {what}{hint}"
         )
     return strategy

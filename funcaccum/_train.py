@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Literal, NamedTuple
 
 import optree
@@ -13,9 +15,10 @@ from ._compile import Compile, CompileMode, check_compile, compiled, traced
 from ._errors import FuncaccumError
 from ._fold import Folded
 from ._folder import LossFn
+from ._microbatch import as_batch
 from ._reducer import Control, Stats
-from ._tree import PyTree, accum_dtype, tree_device
-from ._validate import check_dtype, describe
+from ._tree import PyTree, accum_dtype, leaf_paths, tree_device
+from ._validate import check_dtype, check_params, describe
 from .optim import (
     GradientTransformation,
     apply_updates,
@@ -159,6 +162,8 @@ class TrainStep:
                 f"got {describe(optimizer)}"
             )
         check_dtype("compute_dtype", compute_dtype)
+        if compute_dtype == torch.float16:
+            raise FuncaccumError(_FLOAT16.format(what="compute_dtype=torch.float16"))
         if schedule_clock not in ("step", "progress"):
             raise FuncaccumError(
                 f"schedule_clock must be 'step' or 'progress', got {schedule_clock!r}"
@@ -200,22 +205,59 @@ class TrainStep:
         self._fold = compiled(self._fold_plain, whole)
         self._apply = compiled(self._apply_plain, whole or mode == "loss+update")
         self._step = compiled(self.step, whole)
+        self._carry_type: type | None = None  # what the reducer's carry rule makes, once seen
+        self._updates_checked = False
+        self._variants: dict[int, TrainStep] = {}
 
     def _loss(self, params: PyTree, *args: PyTree) -> Any:
-        """The user's loss on params cast to the compute dtype (``args``: [model_state,] batch)."""
-        return self.loss_fn(tree.cast(params, self.compute_dtype), *args)
+        """The user's loss on params cast to the compute dtype (``args``: [model_state,] batch).
+
+        With ``has_state``, the model state's floating leaves are cast too (a
+        batch norm's running statistics must match its input's dtype), and the
+        new state comes back in the state's own dtypes.
+        """
+        params = tree.cast(params, self.compute_dtype)
+        if self.compute_dtype is None or not self.accumulation.has_state:
+            return self.loss_fn(params, *args)
+        model_state, batch = args
+        out = self.loss_fn(params, tree.cast(model_state, self.compute_dtype), batch)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            return out  # the folder refuses it, naming has_state
+        value, new_state = out
+        if optree.tree_structure(new_state) != optree.tree_structure(model_state):
+            return out  # apply names the buffers that differ
+        return value, optree.tree_map(lambda new, old: new.to(old.dtype), new_state, model_state)
 
     def init(self, params: PyTree, model_state: PyTree = ()) -> TrainState:
         """A fresh state: the params (detached, not copied), a new optimizer state, zero counts.
 
         ``model_state`` (the buffers of ``functional_model(module, has_state=True)``)
-        is required by a step with ``has_state`` and refused by one without.
+        is required by a step with ``has_state`` and refused by one without;
+        its floating-point leaves must be finite (a NaN running mean would
+        normalise every later batch to NaN). Params must be floating tensors
+        with storage, not float16 (see ``compute_dtype``).
         """
+        check_params(params)
+        if not optree.tree_leaves(params):
+            raise FuncaccumError(
+                f"params has no tensor leaves ({describe(params)}): there is nothing to train"
+            )
+        for path, leaf in leaf_paths(params, "params"):
+            if leaf.dtype == torch.float16:
+                raise FuncaccumError(_FLOAT16.format(what=f"{path} is float16, and training it"))
         if bool(optree.tree_leaves(model_state)) != self.accumulation.has_state:
+            hint = ""
+            if self.accumulation.has_state and isinstance(model_state, dict):
+                hint = (
+                    ". An empty model state is a module without buffers to update (a batch "
+                    "norm with track_running_stats=False keeps none): make it with "
+                    "functional_model(module) and a loss without has_state"
+                )
             raise FuncaccumError(
                 "a step with has_state=True needs init(params, model_state=...), and only such "
-                "a step takes a model_state"
+                f"a step takes a model_state; got model_state={describe(model_state)}{hint}"
             )
+        _check_model_state(model_state)
         params = optree.tree_map(torch.Tensor.detach, params)
         model_state = optree.tree_map(torch.Tensor.detach, model_state)
         step, skipped, consecutive = (
@@ -233,7 +275,10 @@ class TrainStep:
         ``folded.model_state``; its result goes to :meth:`apply`, after a
         merge across processes if need be. Compiled as ``compile`` says.
         """
-        return self._fold(state, batch, folded)
+        self._check_state(state, "step.fold(state, batch)")
+        if folded is not None:
+            _check_folded(folded, "step.fold(state, batch, folded) continues")
+        return self._fold(state, as_batch(batch), folded)
 
     def apply(self, state: TrainState, folded: Folded) -> tuple[TrainState, StepMetrics]:
         """Finish the accumulation in ``folded`` and take one optimizer step, pure.
@@ -242,6 +287,8 @@ class TrainStep:
         the model state bit-identical and counts a skip (a carry rule with
         ``skip``, a privacy ledger, counts it too).
         """
+        self._check_state(state, "step.apply(state, folded)")
+        _check_folded(folded, "step.apply(state, folded) takes")
         return self._apply(state, folded)
 
     def step(self, state: TrainState, batch: PyTree) -> tuple[TrainState, StepMetrics]:
@@ -250,25 +297,121 @@ class TrainStep:
         return self._apply(state, self._fold(state, batch, None), True)
 
     def __call__(self, state: TrainState, batch: PyTree) -> tuple[TrainState, StepMetrics]:
-        """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped."""
-        if self.compile == "step":
-            # Checked eagerly first, so a malformed batch gets its plain error, not Dynamo's.
-            self.accumulation.plan(batch)
+        """Run :meth:`step`; raise once ``max_consecutive_skips`` steps in a row were skipped.
+
+        Also raises at once, through :meth:`check_skips`, for a step whose
+        figures show a bad input (a negative or NaN weight, a negative or
+        non-finite learning rate, a strategy that folded another number of
+        microbatches than planned); such a step was skipped.
+        """
+        self._check_state(state, "step(state, batch)")
+        batch = as_batch(batch)
+        # Planned eagerly (a malformed batch gets its plain error, not Dynamo's), and the
+        # count of microbatches the fold must report.
+        planned = sum(count for count, _ in self.accumulation.plan(batch))
         state, metrics = self._step(state, batch)
-        self.check_skips(state, metrics)
+        self.check_skips(state, metrics, microbatches=planned)
         return state, metrics
 
-    def check_skips(self, state: TrainState, metrics: StepMetrics) -> None:
-        """Raise :class:`~funcaccum.FuncaccumError` after too many skipped steps in a row."""
+    def check_skips(
+        self, state: TrainState, metrics: StepMetrics, *, microbatches: int | None = None
+    ) -> None:
+        """Raise :class:`~funcaccum.FuncaccumError` after too many skipped steps in a row.
+
+        In the same single read from the device (none with
+        ``max_consecutive_skips=None``), raise at once where the step's
+        figures show bad input, which the guard skipped: a summed weight that
+        is negative or not finite (a weight the loss returned was negative or
+        NaN), or zero in a skipped step (every weight zero: a noised reducer
+        still steps on an empty batch, a mean cannot), a learning rate that is negative or not
+        finite (a schedule that crosses zero), or, given ``microbatches`` (the
+        number the batch was planned into), a strategy that folded another
+        number.
+        """
         limit = self.max_consecutive_skips
-        if limit is not None and int(state.consecutive_skips) >= limit:
+        if limit is None:
+            return
+        figures = [state.consecutive_skips, metrics.weight, metrics.microbatches, metrics.skipped]
+        if metrics.learning_rate is not None:
+            figures.append(metrics.learning_rate)
+        read = torch.stack([torch.as_tensor(f).detach().to(torch.float64) for f in figures])
+        consecutive, weight, folded, was_skipped, *rate = read.tolist()
+        skipped = f" The step was skipped; the params are those of step {int(state.step)}."
+        if microbatches is not None and folded != microbatches:
             raise FuncaccumError(
-                f"{int(state.consecutive_skips)} consecutive steps had a non-finite loss, "
-                f"gradient or update (loss={float(metrics.loss)}, "
+                f"the strategy folded {folded:g} microbatches where the batch was planned into "
+                f"{microbatches}: a strategy of one's own must fold each microbatch of every "
+                "group exactly once (folder.add with its gradient)." + skipped
+            )
+        # A zero sum is an empty batch: a noised reducer steps on its noise, a mean skips.
+        if not (math.isfinite(weight) and (weight > 0 or (weight == 0 and not was_skipped))):
+            raise FuncaccumError(
+                f"the step's summed weight is {weight:g}: a weight must be finite and >= 0, "
+                "with a positive sum. A weight the loss returned (has_weight=True) was negative "
+                "or NaN, every weight was zero (a batch with no valid tokens?), or a strategy "
+                "of one's own folded another number of microbatches than its groups hold." + skipped
+            )
+        if rate and not (math.isfinite(rate[0]) and rate[0] >= 0):
+            raise FuncaccumError(
+                f"the learning_rate at optimizer step {int(state.step)} is {rate[0]:g}: a "
+                "learning rate must be finite and >= 0 (a schedule that crosses zero, or "
+                "returns NaN?)." + skipped
+            )
+        if consecutive >= limit:
+            raise FuncaccumError(
+                f"{int(consecutive)} consecutive steps had a non-finite loss, gradient, update "
+                f"or model state (loss={float(metrics.loss)}, "
                 f"grad_norm={float(metrics.grad_norm)}); "
                 f"the params are those of step {int(state.step)}, the last finite one. Lower the "
                 "learning rate, check the data for NaN or Inf, or raise max_consecutive_skips."
             )
+
+    def _with_microbatches(self, num_microbatches: int) -> TrainStep:
+        """This step with ``num_microbatches`` in its accumulation, the rest the same; cached.
+
+        :func:`~funcaccum.run_epoch` runs a batch with fewer examples than the
+        step's ``num_microbatches`` (a loader's short last batch) with one
+        microbatch per example through it. Its state is this step's state.
+        """
+        cache = self._variants
+        if num_microbatches not in cache:
+            cache[num_microbatches] = TrainStep(
+                self.loss_fn,
+                optimizer=self.optimizer,
+                accumulation=dataclasses.replace(
+                    self.accumulation, num_microbatches=num_microbatches, microbatch_size=None
+                ),
+                compute_dtype=self.compute_dtype,
+                max_consecutive_skips=self.max_consecutive_skips,
+                schedule_clock=self.schedule_clock,
+                compile=self.compile or False,
+            )
+        return cache[num_microbatches]
+
+    def _check_state(self, state: Any, where: str) -> None:
+        """Refuse a state this step did not make: pure-Python tests, no device read."""
+        if not isinstance(state, TrainState):
+            raise FuncaccumError(
+                f"{where} takes the TrainState that step.init(params) made, got {describe(state)}"
+                + (" (the arguments are (state, batch))" if isinstance(state, dict) else "")
+            )
+        if self.accumulation.has_state and not optree.tree_leaves(state.model_state):
+            raise FuncaccumError(
+                f"{where}: this step has has_state=True, and state.model_state holds no tensors "
+                f"({describe(state.model_state)}): the state was made by a step without "
+                "has_state; make it with step.init(params, model_state=buffers)"
+            )
+        rule = self.accumulation.reducer.carry
+        if rule is not None:
+            if self._carry_type is None:
+                self._carry_type = type(rule.init(state.params))
+            if type(state.reducer_carry) is not self._carry_type:
+                raise FuncaccumError(
+                    f"{where}: state.reducer_carry is {describe(state.reducer_carry)} where this "
+                    f"step's reducer carries a {self._carry_type.__name__}: the state was made "
+                    "by a step with another reducer; make it with this step's init (or load a "
+                    "checkpoint of this configuration)"
+                )
 
     def _fold_plain(self, state: TrainState, batch: PyTree, folded: Folded | None) -> Folded:
         return self._runner.fold(state.params, batch, folded, model_state=state.model_state)
@@ -289,7 +432,18 @@ class TrainStep:
         extra = {}
         if self.schedule_clock == "progress":
             extra["schedule_step"] = control.progress
-        updates, opt_state = self._update(grads, state.opt_state, state.params, **extra)
+        out = self._update(grads, state.opt_state, state.params, **extra)
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise FuncaccumError(
+                "the update rule's update(updates, state, params) must return the pair (updates, "
+                f"new_state), got {describe(out)}"
+            )
+        updates, opt_state = out
+        if traced():  # shapes are static: checked once when traced, once when eager
+            _check_updates(updates, state.params)
+        elif not self._updates_checked:
+            _check_updates(updates, state.params)
+            self._updates_checked = True
         if control.step_scale is not None:  # a reducer that sets the step size scales the update
             updates = tree.scale(updates, control.step_scale)
         params = apply_updates(state.params, updates)
@@ -302,7 +456,13 @@ class TrainStep:
             & torch.isfinite(grad_norm)
             & torch.isfinite(tree.global_norm(params))
         )
+        # A learning rate must be >= 0 (a negative one ascends): the rate this update used.
+        rate = get_hyperparams(opt_state).get("learning_rate")
+        if rate is not None:
+            finite = finite & torch.isfinite(rate) & (rate >= 0)
         model_state = folded.model_state if self.accumulation.has_state else state.model_state
+        if self.accumulation.has_state:  # running statistics driven to Inf, or NaN
+            finite = finite & _all_finite(model_state)
         kept_carry = state.reducer_carry
         if carry_rule is not None and carry_rule.skip is not None:
             kept_carry = carry_rule.skip(kept_carry)  # a privacy ledger counts a skipped step too
@@ -347,12 +507,69 @@ class TrainStep:
             grad_norm=grad_norm,
             weight=result.weight,
             skipped=~finite,
-            learning_rate=get_hyperparams(opt_state).get("learning_rate"),
+            learning_rate=rate,
             microbatches=folded.state.microbatches,
             stats=stats,
             aux=folded.aux,
         )
         return new_state, metrics
+
+
+_FLOAT16 = (
+    "{what} needs loss scaling, which funcaccum does not do: float16 flushes gradients below "
+    "6e-8 to zero (and overflows above 65504), so steps would be applied with part of the "
+    "gradient silently lost. Use torch.bfloat16 (float32's exponent range) as compute_dtype, "
+    "keeping float32 params (master weights), or train in float32."
+)
+
+
+def _check_folded(folded: Any, where: str) -> None:
+    if not isinstance(folded, Folded):
+        hint = ": wrap a FoldState as fa.Folded(fold_state)" if isinstance(folded, tuple) else ""
+        raise FuncaccumError(
+            f"{where} the Folded that step.fold returns, got {describe(folded)}{hint}"
+        )
+
+
+def _all_finite(tree_: PyTree) -> torch.Tensor:
+    """0-d bool: every floating leaf finite (``0 * x`` is NaN exactly where ``x`` is not)."""
+    floating = [x for x in optree.tree_leaves(tree_) if x.is_floating_point()]
+    if not floating:
+        return torch.ones((), dtype=torch.bool)
+    return torch.isfinite(tree.global_norm(tree.scale(floating, 0.0)))
+
+
+def _check_model_state(model_state: PyTree) -> None:
+    """Refuse a model state with a leaf that is not a tensor, or a NaN or Inf (read once)."""
+    for path, leaf in leaf_paths(model_state, "model_state"):
+        if not isinstance(leaf, torch.Tensor):
+            raise FuncaccumError(f"{path} must be a tensor, got {describe(leaf)}")
+        if leaf.is_floating_point() and not bool(torch.isfinite(leaf).all()):
+            raise FuncaccumError(
+                f"{path} holds NaN or Inf: every batch normalised with it would be NaN too. "
+                "Reset it (a fresh module's buffers), or load a checkpoint from before it broke"
+            )
+
+
+def _check_updates(updates: PyTree, params: PyTree) -> None:
+    """Refuse updates that do not fit the params: added, they would broadcast or fail obscurely."""
+    want = dict(leaf_paths(params, "params"))
+    got = dict(leaf_paths(updates, "params"))
+    if want.keys() != got.keys():
+        missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        raise FuncaccumError(
+            "the update rule returned updates that are not shaped like the params "
+            f"(missing: {missing}, not in the params: {extra}); update(updates, state, params) "
+            "returns (updates, state), the updates a tree like the params"
+        )
+    for path, param in want.items():
+        update = got[path]
+        if not isinstance(update, torch.Tensor) or update.shape != param.shape:
+            shape = tuple(update.shape) if isinstance(update, torch.Tensor) else describe(update)
+            raise FuncaccumError(
+                f"the update rule returned {shape} for {path}, whose shape is "
+                f"{tuple(param.shape)}: added to the param it would change its shape"
+            )
 
 
 def train_step(
@@ -393,9 +610,11 @@ def train_step(
         accumulation: how each batch becomes one gradient: the reducer, the
             strategy, the split and what the loss returns
             (:class:`~funcaccum.Accumulation`); default one microbatch, :func:`~funcaccum.mean`.
-        compute_dtype: run ``loss_fn`` on params cast to this dtype (bf16,
-            fp16) while the state keeps the params in their own dtype (float32
-            master weights). Gradients are accumulated in float32 regardless.
+        compute_dtype: run ``loss_fn`` on params cast to this dtype
+            (``torch.bfloat16``) while the state keeps the params in their own
+            dtype (float32 master weights). Gradients are accumulated in float32
+            regardless. ``torch.float16`` is refused: it needs loss scaling,
+            which funcaccum does not do (docs/concepts.md, "Mixed precision").
         max_consecutive_skips: stop after this many non-finite steps in a row.
         schedule_clock: what learning-rate schedules read: ``"step"``, the
             optimizer-step count, or ``"progress"``, the adaptive reducer's

@@ -144,11 +144,27 @@ class Leaves:
     one that wraps a caller's tensors, so a rule cannot write into its inputs.
     """
 
-    __slots__ = ("fresh", "tensors")
+    __slots__ = ("_scalars", "fresh", "tensors")
 
-    def __init__(self, tensors: Sequence[torch.Tensor], *, fresh: bool = False) -> None:
+    def __init__(
+        self,
+        tensors: Sequence[torch.Tensor],
+        scalars: tuple[int, ...] | None = None,
+        *,
+        fresh: bool = False,
+    ) -> None:
         self.tensors = list(tensors)
+        self._scalars = scalars
         self.fresh = fresh
+
+    @property
+    def scalars(self) -> tuple[int, ...]:
+        """Where the 0-d leaves are: the only results a 0-d tensor operand can widen (see
+        ``_scalar_kept_narrow``). Found once, when an op first has such an operand, and
+        passed on to the results."""
+        if self._scalars is None:
+            self._scalars = tuple(i for i, x in enumerate(self.tensors) if x.ndim == 0)
+        return self._scalars
 
     def _apply(
         self,
@@ -157,15 +173,20 @@ class Leaves:
         *other: Leaves | Scalar,
     ) -> Leaves:
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
-        if _per_tensor([self.tensors, *(t for t in lists if t is not None)]):
+        tensors = [self.tensors, *(t for t in lists if t is not None)]
+        if _per_tensor(tensors):
             out = [single(x, *_pick(other, lists, i)) for i, x in enumerate(self.tensors)]
-            return Leaves(out, fresh=True)
-        return Leaves(foreach(self.tensors, *_pick(other, lists, None)), fresh=True)
+        else:
+            out = foreach(self.tensors, *_pick(other, lists, None))
+        if any(isinstance(o, torch.Tensor) for o in other) and self.scalars:
+            out = _scalar_kept_narrow(out, tensors, self.scalars)
+        return Leaves(out, self._scalars, fresh=True)
 
     def _apply_(
         self, foreach: Callable[..., Any], single: Callable[..., Any], *other: Leaves | Scalar
     ) -> Leaves:
-        """The in-place twin of :meth:`_apply`, on fresh tensors only."""
+        """The in-place twin of :meth:`_apply`, on fresh tensors only (in place, a 0-d
+        operand cannot widen a leaf's dtype)."""
         if not self.fresh:
             raise RuntimeError("an in-place Leaves operation on tensors it does not own")
         lists = [o.tensors if isinstance(o, Leaves) else None for o in other]
@@ -233,10 +254,15 @@ class Leaves:
     def addmul(self, other: Leaves, factor: torch.Tensor) -> Leaves:
         """Elementwise ``self + other * factor`` (a 0-d ``factor``) in one op, not two."""
         n = len(self.tensors)
+        out: Sequence[torch.Tensor]
         if _per_tensor([self.tensors, other.tensors]):
             pairs = zip(self.tensors, other.tensors, strict=True)
-            return Leaves([torch.addcmul(x, y, factor) for x, y in pairs], fresh=True)
-        return Leaves(torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n), fresh=True)
+            out = [torch.addcmul(x, y, factor) for x, y in pairs]
+        else:
+            out = torch._foreach_addcmul(self.tensors, other.tensors, [factor] * n)
+        if self.scalars:
+            out = _scalar_kept_narrow(out, [self.tensors, other.tensors], self.scalars)
+        return Leaves(out, self.scalars, fresh=True)
 
     def __neg__(self) -> Leaves:
         return self._apply(torch._foreach_neg, torch.neg)
@@ -263,7 +289,32 @@ class Leaves:
         cast = [x.to(y.dtype) for x, y in pairs]
         # Fresh only where every tensor was copied; a no-op cast hands back the input.
         fresh = self.fresh or all(c is not x for c, x in zip(cast, self.tensors, strict=True))
-        return Leaves(cast, fresh=fresh)
+        return Leaves(cast, self._scalars, fresh=fresh)
+
+
+def _scalar_kept_narrow(
+    out: Sequence[torch.Tensor], operands: list[list[torch.Tensor]], scalars: tuple[int, ...]
+) -> list[torch.Tensor]:
+    """``out`` with a 0-d scalar tensor's dtype kept out of 0-d leaves' results.
+
+    A float32 tensor times a 0-d float64 hyperparameter is float32, unless the
+    tensor is 0-d too: then torch promotes to float64, and a scalar param's
+    optimizer state would change dtype at its first update (a checkpoint then
+    fits no fresh state, a compiled step recompiles). Such a result is cast
+    back to the dtype its tensor operands give, as for every other leaf.
+    """
+    kept = list(out)
+    for i in scalars:
+        y = out[i]
+        if y.ndim != 0 or not y.is_floating_point():
+            continue
+        dtypes = [xs[i].dtype for xs in operands]
+        want = dtypes[0]
+        for dtype in dtypes[1:]:
+            want = torch.promote_types(want, dtype)
+        if want.is_floating_point and y.dtype != want:
+            kept[i] = y.to(want)
+    return kept
 
 
 def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:
@@ -272,9 +323,7 @@ def _pick(other: tuple[Any, ...], lists: list[Any], i: int | None) -> list[Any]:
     return [o if t is None else (t if i is None else t[i]) for o, t in pairs]
 
 
-def foreach_map(
-    fn: Callable[..., Leaves], tree: Tree, *rest: PyTree, donate: bool = False
-) -> Tree:
+def foreach_map(fn: Callable[..., Leaves], tree: Tree, *rest: PyTree, donate: bool = False) -> Tree:
     """``fn`` applied to the leaves of trees shaped like ``tree``, all leaves at once.
 
     ``fn`` receives one :class:`Leaves` per tree and returns one; write it as

@@ -210,6 +210,9 @@ tensor), got -0.9
     return check_real(name, value, allow_schedule=allow_schedule, **HYPERPARAM_RULES.get(name, {}))
 
 
+_FLOAT8 = {getattr(torch, name) for name in dir(torch) if name.startswith("float8_")}
+
+
 def _bad_param(leaf: Any) -> str | None:
     """Why ``leaf`` cannot be an optimized param, or None if it can."""
     if not isinstance(leaf, torch.Tensor):
@@ -219,6 +222,11 @@ def _bad_param(leaf: Any) -> str | None:
         return (
             f"is a {leaf.dtype} tensor; only floating-point params can be optimized "
             "(keep integer tensors out of params, as buffers or in the batch)"
+        )
+    if leaf.dtype in _FLOAT8:
+        return (
+            f"is a {leaf.dtype} tensor, which has no arithmetic to train in; keep float32 "
+            "params and cast them in the loss"
         )
     if leaf.is_meta:
         return (

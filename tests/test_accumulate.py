@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import re
+from collections import UserDict
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
 import optree
 import pytest
 import torch
@@ -292,3 +298,63 @@ def test_dropout_needs_an_explicit_randomness_choice() -> None:
     )
     assert torch.equal(same.losses[0], same.losses[1])
     assert not torch.equal(different.losses[0], different.losses[1])
+
+
+class Encoding(UserDict):
+    """What a Hugging Face tokenizer or collator returns: a BatchEncoding is a UserDict."""
+
+
+def test_a_mapping_batch_is_taken_as_its_dict_everywhere_a_batch_enters() -> None:
+    params, batch = mlp_params(), classification_batch(12)
+    expected = fa.accumulate(mlp_loss, params, batch, num_microbatches=3)
+    for wrap in (Encoding, MappingProxyType):
+        got = fa.accumulate(mlp_loss, params, wrap(batch), num_microbatches=3)
+        assert_trees_allclose(got.grads, expected.grads, rtol=0, atol=0)
+    got = fa.microbatch_grads(mlp_loss, params, Encoding(batch), microbatch_size=4)
+    assert got.grads["layer0"]["w"].shape[0] == 3
+    assert [g.count for g in fa.split_microbatches(Encoding(batch), num_microbatches=3)] == [3]
+    step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1),
+                         accumulation=fa.Accumulation(num_microbatches=3))  # fmt: skip
+    state, metrics = step(step.init(params), Encoding(batch))
+    assert metrics.loss == expected.loss
+    folded = step.fold(state, Encoding(batch))
+    assert int(folded.state.microbatches) == 3
+    _, epoch = fa.run_epoch(step, state, [Encoding(batch)])
+    assert epoch.steps == 1
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "scan"])
+def test_a_batch_that_requires_grad_leaves_no_graph_in_the_results(strategy: str) -> None:
+    """Inputs from a model run outside (not under no_grad): funcaccum differentiates the params."""
+    batch = classification_batch(8)
+    batch["x"] = batch["x"].clone().requires_grad_()
+    result = fa.accumulate(mlp_loss, mlp_params(), batch, num_microbatches=2, strategy=strategy)
+    accumulation = fa.Accumulation(num_microbatches=2, strategy=strategy)
+    step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), accumulation=accumulation)
+    state, metrics = step(step.init(mlp_params()), batch)
+    for leaf in optree.tree_leaves((result, state, metrics)):
+        assert leaf.grad_fn is None
+        assert not leaf.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("leaf", "words"),
+    [
+        (torch.zeros(5, 16, device="meta"), "is on the meta device"),
+        (torch.zeros(5, 16, dtype=torch.int64), "is a torch.int64 tensor"),
+        (0.5, "is a float; params must be torch tensors"),
+        (np.zeros((5, 16)), "is a ndarray (convert it with torch.from_numpy)"),
+        (torch.zeros(5, 16).to(torch.float8_e4m3fn), "is a torch.float8_e4m3fn tensor, which"),
+    ],
+    ids=["meta", "int64", "python-float", "numpy", "float8"],
+)
+def test_params_that_cannot_be_differentiated_are_named(leaf: Any, words: str) -> None:
+    params = mlp_params()
+    params["layer0"]["w"] = leaf
+    for call in (
+        lambda: fa.accumulate(mlp_loss, params, classification_batch(8)),
+        lambda: fa.microbatch_grads(mlp_loss, params, classification_batch(8), microbatch_size=4),
+        lambda: fa.Accumulation().init(params),
+    ):
+        with pytest.raises(fa.FuncaccumError, match=re.escape(f"params['layer0']['w'] {words}")):
+            call()

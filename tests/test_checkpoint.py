@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -378,3 +380,75 @@ def test_a_user_generator_for_dp_noise_resumes_exactly(tmp_path: Path) -> None:
 def test_generators_must_be_generators(tmp_path: Path) -> None:
     with pytest.raises(fa.FuncaccumError, match=r"torch\.Generator"):
         fa.save(tmp_path / "ckpt.pt", {}, generators={"noise": 0})  # type: ignore[dict-item]
+
+
+def trained_checkpoint(tmp_path: Path) -> tuple[Path, fa.TrainState, fa.TrainStep]:
+    step = fa.train_step(mlp_loss, optimizer=fa.optim.adamw(0.1))
+    state, _ = step(step.init(mlp_params()), classification_batch(8))
+    path = tmp_path / "ckpt.pt"
+    fa.save(path, state, metadata={"epoch": 12345})
+    return path, state, step
+
+
+def flip_byte(path: Path, record: str, offset: int = 0) -> None:
+    """Flip one bit of the byte at ``offset`` in the zip entry whose name ends with ``record``."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(record))
+    start = info.header_offset + 30 + int.from_bytes(data[info.header_offset + 26:][:2], "little")
+    start += int.from_bytes(data[info.header_offset + 28:][:2], "little")
+    data[start + offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_a_tensor_is_found_and_the_tensor_named(tmp_path: Path) -> None:
+    """torch.load reads such a file without a word: the per-tensor checksum does not."""
+    path, _, step = trained_checkpoint(tmp_path)
+    flip_byte(path, "data/1")  # the second tensor saved: params['layer0']['b']
+    like = step.init(mlp_params())
+    with pytest.raises(fa.FuncaccumError, match=re.escape(
+        f"the checkpoint {path} is corrupt: the checksum of state.params['layer0']['b'] (a "
+        "torch.float64 tensor of shape (16,)) differs from the one saved"
+    )):  # fmt: skip
+        fa.load(path, like=like, restore_rng=False)
+    payload = torch.load(path, weights_only=True)  # not vacuous: torch itself loads it
+    assert payload["format"] == "funcaccum-checkpoint"
+
+
+def test_a_changed_value_outside_the_tensors_fails_the_file_digest(tmp_path: Path) -> None:
+    path, _, _ = trained_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes().replace(b"epoch", b"epocx", 1))  # a metadata key
+    with pytest.raises(fa.FuncaccumError, match="corrupt: its digest differs"):
+        fa.load(path, restore_rng=False)
+
+
+def test_a_truncated_checkpoint_is_named_not_an_oserror(tmp_path: Path) -> None:
+    path, _, _ = trained_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(fa.FuncaccumError, match=re.escape(f"cannot read {path}: it is truncated")):
+        fa.load(path)
+
+
+def test_save_names_the_path_it_cannot_write(tmp_path: Path) -> None:
+    state = {"w": torch.zeros(2)}
+    with pytest.raises(fa.FuncaccumError, match=r"its directory .*nodir does not exist"):
+        fa.save(tmp_path / "nodir" / "ckpt.pt", state)
+    with pytest.raises(fa.FuncaccumError, match="it is a directory"):
+        fa.save(tmp_path, state)
+    unwritable = re.escape("cannot write the checkpoint /sys/ckpt.pt")
+    with pytest.raises(fa.FuncaccumError, match=unwritable):
+        fa.save("/sys/ckpt.pt", state)  # a read-only file system, even for root
+    with pytest.raises(fa.FuncaccumError, match=r"path must be a str or an os.PathLike"):
+        fa.save(42, state)  # type: ignore[arg-type]
+    with pytest.raises(fa.FuncaccumError, match="state\\['w'\\]: it is a meta tensor"):
+        fa.save(tmp_path / "meta.pt", {"w": torch.zeros(2, device="meta")})
+
+
+def test_a_version_1_checkpoint_without_checksums_still_loads(tmp_path: Path) -> None:
+    path, state, step = trained_checkpoint(tmp_path)
+    payload = torch.load(path, weights_only=True)
+    del payload["checksums"]
+    payload["version"] = 1
+    torch.save(payload, path)
+    loaded = fa.load(path, like=step.init(mlp_params()), restore_rng=False)
+    assert_trees_equal(loaded.state, state)

@@ -165,3 +165,93 @@ def test_the_docs_strategy_has_one_body_for_every_mode(name: str, how: str) -> N
     assert_trees_allclose(b.params, a.params, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(metrics.loss, want_metrics.loss, rtol=1e-10, atol=0)
     assert metrics.microbatches.item() == 3
+
+
+class Misfolding(NamedTuple):
+    """scan()'s fold, except that it folds only the first ``keep`` microbatches of a group,
+    or hands folder.add its gradients through ``change``."""
+
+    keep: int | None = None
+    change: Any = None
+
+    def build(self, folder: Folder) -> GroupRunner:
+        def run(params: Any, state: FoldState, group: Any, model_state: Any) -> Any:
+            losses, weights = [], []
+            for i in range(group.count if self.keep is None else self.keep):
+                microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
+                grads, out = folder.value_and_grad(params, model_state, microbatch, group.size)
+                state = folder.add(state, self.change(grads) if self.change else grads, out)
+                losses.append(out.loss)
+                weights.append(out.weight)
+            outputs = MicrobatchOutput(torch.stack(losses), torch.stack(weights))
+            return state, outputs, model_state
+
+        return run
+
+
+def test_a_strategy_that_folds_part_of_its_group_is_refused() -> None:
+    """Weight 4 of 12 folded, the rest dropped: the count is compared with the plan."""
+    accumulation = fa.Accumulation(num_microbatches=3, strategy=Misfolding(1))
+    step = fa.train_step(mlp_loss, optimizer=fa.optim.sgd(0.1), accumulation=accumulation)
+    state = step.init(mlp_params())
+    with pytest.raises(
+        fa.FuncaccumError, match="folded 1 microbatches where the batch was planned into 3"
+    ):  # noqa: E501
+        step(state, classification_batch(12))
+    after, metrics = step.step(state, classification_batch(12))  # pure: the guard skipped it
+    assert metrics.skipped
+    assert torch.equal(after.params["layer0"]["w"], state.params["layer0"]["w"])
+    with pytest.raises(fa.FuncaccumError, match="folded 1 microbatches where"):
+        fa.accumulate(mlp_loss, mlp_params(), classification_batch(12), num_microbatches=3,
+                      strategy=Misfolding(1))  # fmt: skip
+    fa.accumulate(
+        mlp_loss, mlp_params(), classification_batch(12), num_microbatches=3, strategy=Misfolding()
+    )  # the same strategy, folding everything: accepted
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (
+            lambda g: optree.tree_map(lambda x: x[None], g),
+            # Summed in place into the fold's own state, it cannot broadcast; out of place (a
+            # state from elsewhere, a compiled fold) the state's new layout is named.
+            r"folder.add could not fold.*grads\['layer0'\]\['b'\]: \(1, 16\)",
+        ),
+        (lambda g: {"layer0": g["layer0"]}, r"folder.add could not fold.*'layer1'"),
+        (
+            lambda g: {**g, "layer0": {**g["layer0"], "w": g["layer0"]["w"][:2]}},
+            r"folder.add could not fold.*grads\['layer0'\]\['w'\]: \(2, 16\)",
+        ),
+    ],
+    ids=["extra-leading-dim", "missing-key", "wrong-shape"],
+)
+def test_gradients_not_shaped_like_the_params_are_refused(change: Any, words: str) -> None:
+    """An extra leading axis used to broadcast into the params: (16,) became (1, 16)."""
+    with pytest.raises(fa.FuncaccumError, match=words):
+        fa.accumulate(mlp_loss, mlp_params(), classification_batch(12), num_microbatches=3,
+                      strategy=Misfolding(change=change))  # fmt: skip
+
+
+def test_a_strategy_class_or_factory_in_place_of_an_instance_is_named() -> None:
+    with pytest.raises(fa.FuncaccumError, match=r"got function: call it, scan\(\)"):
+        fa.Accumulation(strategy=fa.scan)
+    with pytest.raises(fa.FuncaccumError, match=r"got the class Misfolding: make one"):
+        fa.Accumulation(strategy=Misfolding)
+
+
+def test_gradients_with_an_extra_axis_change_a_state_from_elsewhere_and_are_named() -> None:
+    """Continuing a caller's fold (not the fold's own state, so summed out of place), the
+    reducer state's new layout is refused by name before it reaches an update."""
+    accumulation = fa.Accumulation(
+        num_microbatches=3,
+        strategy=Misfolding(change=lambda g: optree.tree_map(lambda x: x[None], g)),
+    )
+    runner = accumulation.runner(mlp_loss)
+    started = fa.Folded(accumulation.init(mlp_params()))
+    with pytest.raises(
+        fa.FuncaccumError,
+        match=r"changed the reducer state \(state.reducer.grad_sum\['layer0'\]\['b'\]: "
+        r"\(\(16,\), torch.float64\) became \(\(1, 16\)",
+    ):
+        runner.fold(mlp_params(), classification_batch(12), started)

@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import classification_batch, mlp_loss, mlp_params, sequence_batch, sequence_params
+from conftest import (
+    classification_batch,
+    mlp_apply,
+    mlp_loss,
+    mlp_params,
+    sequence_batch,
+    sequence_params,
+)
 from torch.nn import functional
 
 import funcaccum as fa
@@ -334,3 +341,74 @@ def test_accumulation_in_every_variant(fa_variant: Variant) -> None:
 
     expected = torch.func.grad(mlp_loss)(params, batch)
     assert_trees_allclose(fa_variant(accumulated)(params, batch), expected, rtol=1e-5, atol=1e-6)
+
+
+def layer_norm_loss(params: dict, x: torch.Tensor) -> torch.Tensor:
+    return functional.layer_norm(x @ params["w"], (4,), params["g"], params["b"]).tanh().pow(2).mean()  # noqa: E501
+
+
+def layer_norm_params() -> tuple[dict, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(3, 4, generator=g), "g": torch.randn(4, generator=g),
+              "b": torch.randn(4, generator=g)}  # fmt: skip
+    return params, torch.randn(5, 3, generator=g)
+
+
+def test_check_grads_order_2_passes_a_model_with_layer_norm() -> None:
+    """Its forward-over-forward derivative is torch's error; what order 2 checks is right."""
+    params, x = layer_norm_params()
+    check_grads(layer_norm_loss, params, x, order=2)
+    # Why forward-over-forward is not checked: torch's disagrees with the true second
+    # derivative, which forward-over-reverse and the same loss written with plain ops agree on.
+    params = fa.tree.cast(params, torch.float64)
+    x = x.double()
+    tangent = fa.tree.scale(params, 1 / float(fa.tree.global_norm(params)))
+
+    def plain(params: dict, x: torch.Tensor) -> torch.Tensor:
+        h = x @ params["w"]
+        h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        return (h * params["g"] + params["b"]).tanh().pow(2).mean()
+
+    def second(f: Any, how: str) -> float:
+        if how == "forward-over-forward":
+            inner = lambda p: torch.func.jvp(lambda q: f(q, x), (p,), (tangent,))[1]  # noqa: E731
+            return float(torch.func.jvp(inner, (params,), (tangent,))[1])
+        inner = lambda p: torch.func.grad(lambda q: f(q, x))(p)  # noqa: E731
+        return float(fa.tree.vdot(torch.func.jvp(inner, (params,), (tangent,))[1], tangent))
+
+    truth = second(plain, "forward-over-reverse")
+    assert second(plain, "forward-over-forward") == pytest.approx(truth, rel=1e-10)
+    assert second(layer_norm_loss, "forward-over-reverse") == pytest.approx(truth, rel=1e-10)
+    fwd_fwd = second(layer_norm_loss, "forward-over-forward")
+    if fwd_fwd == pytest.approx(truth, rel=1e-6):
+        pytest.skip("this torch's forward-over-forward layer_norm is right: check it again")
+    assert fwd_fwd != pytest.approx(truth, rel=1e-3)
+
+
+def test_check_grads_refuses_an_order_it_does_not_know() -> None:
+    with pytest.raises(fa.FuncaccumError, match="order must be 1 or 2, got 3"):
+        check_grads(mlp_loss, mlp_params(), classification_batch(4), order=3)
+
+
+def float32_logits_loss(params: dict, batch: dict) -> torch.Tensor:
+    """As a Hugging Face labels= loss computes: the logits cast to float32, in any model."""
+    return functional.cross_entropy(mlp_apply(params, batch["x"]).float(), batch["y"])
+
+
+def test_assert_accumulation_exact_tolerances_follow_the_dtype_the_loss_computes_in() -> None:
+    params, batch = mlp_params(), classification_batch(12)
+    assert_accumulation_exact(float32_logits_loss, params, batch)  # float32: rtol 1e-5
+    assert_accumulation_exact(mlp_loss, params, batch)  # float64: rtol 1e-9 as before
+    assert_accumulation_exact(mlp_loss, fa.tree.cast(params, torch.float32),
+                              fa.tree.cast(batch, torch.float32), dtype=None)  # fmt: skip
+
+
+def test_a_rounding_difference_is_diagnosed_as_rounding_not_as_two_equal_ratios() -> None:
+    """Asked for float64 tolerances on a float32 loss, the message says it is rounding."""
+    params, batch = mlp_params(), classification_batch(12)
+    with pytest.raises(AssertionError) as caught:
+        assert_accumulation_exact(float32_logits_loss, params, batch, rtol=1e-12, atol=0)
+    message = str(caught.value)
+    assert "the difference is rounding" in message
+    assert "computes in torch.float32" in message
+    assert "normalises each microbatch by its own count" not in message

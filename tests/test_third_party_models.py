@@ -2,7 +2,9 @@
 
 torchvision's resnet18, timm's test models and Hugging Face's GPT-2, each built
 from its constructor or config with random weights (nothing is downloaded).
-They come with the ``models`` extra; a test whose package is absent is skipped.
+They come with the ``models`` extra; a test whose package is absent is skipped. They
+import as a user's code does, after funcaccum, with no workaround here (PyPI's
+torchvision beside the CPU torch: see tests/test_torchvision.py).
 Everything runs in float64, so that funcaccum and the hand-written loop can be
 compared to rounding after several AdamW steps.
 """
@@ -11,10 +13,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.machinery
-import importlib.util
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -23,7 +22,7 @@ from torch import nn
 from torch.nn import functional
 
 import funcaccum as fa
-from funcaccum.testing import assert_trees_allclose
+from funcaccum.testing import assert_accumulation_exact, assert_trees_allclose
 
 pytestmark = pytest.mark.models
 STEPS, LR, EPS, CLASSES = 2, 1e-3, 1e-6, 4
@@ -35,39 +34,6 @@ STEPS, LR, EPS, CLASSES = 2, 1e-3, 1e-6, 4
 # 1e-10 with some margin.
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
 TRAINED = {"rtol": 1e-10, "atol": 1e-10}
-
-
-def _declare_torchvision_ops_it_cannot_load() -> torch.library.Library | None:
-    """Let torchvision import where its C++ ops cannot load (PyPI's wheel with the CPU torch).
-
-    PyPI's Linux torchvision wheel is linked against the CUDA build of torch
-    (``libtorch_cuda.so``). With the CPU build its ``_C`` extension does not
-    load, which torchvision tolerates, except that torchvision 0.28 then
-    registers a fake kernel for ``torchvision::nms`` without checking, and its
-    import fails with "operator torchvision::nms does not exist" (so does any
-    ``transformers`` model import, which imports torchvision when it is
-    installed). The models here use none of those ops: where ``_C`` does not
-    load, declaring the two schemas it registers unconditionally lets the
-    import through. Where ``_C`` loads, nothing is declared.
-    """
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    package = Path(next(iter(spec.submodule_search_locations)))
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        if (package / f"_C{suffix}").exists():
-            try:
-                torch.ops.load_library(str(package / f"_C{suffix}"))
-            except (OSError, RuntimeError):
-                break
-            return None  # the ops are there: torchvision imports as it is
-    library = torch.library.Library("torchvision", "FRAGMENT")
-    for name in ("nms", "qnms"):
-        library.define(f"{name}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    return library
-
-
-_TORCHVISION_OPS = _declare_torchvision_ops_it_cannot_load()  # kept alive for the session
 
 
 def need(name: str) -> ModuleType:
@@ -347,3 +313,73 @@ def test_hf_gpt2_checkpointed_gradients_equal_the_full_batch(attn: str) -> None:
     error = max(float((unweighted.grads[n] - grads[False, "float64"][n]).abs().max())
                 for n in params)  # fmt: skip
     assert error > 1e-4
+
+
+# --- A new user's workflows: a tokenizer's collator, a loader with a short last batch ----------
+
+
+def test_hf_llama_trains_on_a_collators_batch_encodings_through_run_epoch() -> None:
+    """A tokenizer (built here, offline), its LM collator's BatchEncoding batches, right-padded
+    with -100 labels, a Llama from its config, its labels= loss token-weighted: as they come."""
+    transformers = need("transformers")
+    tokenizers = need("tokenizers")
+    text = "the cat sat on the mat and the dog ate a bone while a bird sang"
+    words = text.split(" ")
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(sorted(set(words)))}}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]",
+                                                     unk_token="[UNK]")  # fmt: skip
+    texts = [tokenizer(" ".join(words[i % 7 : i % 7 + 3 + i % 9])) for i in range(18)]
+    collator = transformers.DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    loader = torch.utils.data.DataLoader(texts, batch_size=8, collate_fn=collator)  # 8, 8, 2
+    assert isinstance(next(iter(loader)), transformers.BatchEncoding)
+    config = transformers.LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, bos_token_id=None,
+        eos_token_id=None,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).train()
+    apply, params, buffers = fa.functional_model(model)
+
+    def loss_fn(params: dict, batch: dict) -> tuple:
+        return apply(params, buffers, **batch).loss, shifted_count(batch)
+
+    accumulation = fa.Accumulation(num_microbatches=4, has_weight=True)
+    step = fa.train_step(loss_fn, optimizer=fa.optim.adamw(1e-2), accumulation=accumulation)
+    state, first = fa.run_epoch(step, step.init(params), loader, unit="tokens")
+    for _ in range(3):
+        state, last = fa.run_epoch(step, state, loader, unit="tokens")
+    tokens = sum(int(shifted_count(batch)) for batch in loader)
+    assert (last.steps, int(last.weight)) == (3, tokens)  # the batch of 2: two microbatches
+    assert last.loss < first.loss
+    batch = next(iter(loader))
+    assert_accumulation_exact(loss_fn, params, batch, has_weight=True, strategies=("scan",))
+
+
+def test_timm_batch_norm_trains_through_an_epoch_with_a_short_last_batch() -> None:
+    """10 images in batches of 4: the last 2 run as one microbatch of 2, not two of one."""
+    timm = need("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False, num_classes=CLASSES)
+    apply, params, buffers = fa.functional_model(model.train(), has_state=True)
+
+    def loss_fn(params: dict, state: dict, batch: list) -> tuple:
+        logits, state = apply(params, state, batch[0])
+        return functional.cross_entropy(logits, batch[1]), state
+
+    data = torch.utils.data.TensorDataset(torch.randn(10, 3, 32, 32), torch.randint(CLASSES, (10,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    accumulation = fa.Accumulation(num_microbatches=2, has_state=True)
+    step = fa.train_step(loss_fn, optimizer=fa.optim.sgd(0.01), accumulation=accumulation)
+    seen: list[int] = []
+
+    def count(index: int, state: fa.TrainState, metrics: fa.StepMetrics) -> None:
+        seen.append(int(metrics.microbatches))
+
+    state, epoch = fa.run_epoch(step, step.init(params, model_state=buffers), loader,
+                                on_step=count)  # fmt: skip
+    assert (epoch.steps, int(epoch.weight), seen) == (3, 10, [2, 2, 1])
+    counts = {int(v) for k, v in state.model_state.items() if k.endswith("num_batches_tracked")}
+    assert counts == {5}

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
+import optree
 import pytest
 import torch
 from conftest import classification_batch, mlp_loss, mlp_params
+from torch import nn
 from torch.func import grad_and_value
 
 import funcaccum as fa
@@ -111,15 +117,14 @@ def test_a_non_finite_update_is_skipped_like_a_non_finite_gradient(compile: bool
     step = fa.train_step(mlp_loss, optimizer=optim.sgd(rate), max_consecutive_skips=2,
                          compile=compile)  # fmt: skip
     state, _ = step(step.init(params), batch)
-    after, metrics = step(state, batch)
+    after, metrics = step.step(state, batch)  # the pure step: skipped, nothing changed
     assert metrics.skipped
     assert torch.isfinite(metrics.grad_norm)
     assert_trees_equal(after.params, state.params)
     assert (after.step.item(), after.skipped.item()) == (1, 1)
-    with pytest.raises(
-        fa.FuncaccumError, match=r"non-finite loss, gradient or update.*those of step 1"
-    ):
-        step(after, batch)
+    # Called, the step names the rate at once (check_skips reads it with the skip count).
+    with pytest.raises(fa.FuncaccumError, match=r"learning_rate at optimizer step 1 is nan"):
+        step(state, batch)
 
 
 def test_the_schedule_moves_once_per_optimizer_step_whatever_the_microbatch_count() -> None:
@@ -286,3 +291,154 @@ def test_an_optax_style_three_argument_rule_trains_inside_chain() -> None:
             schedule_clock="progress",
             accumulation=fa.Accumulation(reducer=fa.adaptive()),
         )
+
+
+def test_float16_is_refused_for_want_of_loss_scaling() -> None:
+    """float16 flushes small gradients to zero; without loss scaling the step would apply it."""
+    refused = re.escape("compute_dtype=torch.float16 needs loss scaling")
+    with pytest.raises(fa.FuncaccumError, match=refused):
+        fa.train_step(mlp_loss, optimizer=optim.sgd(0.1), compute_dtype=torch.float16)
+    step = fa.train_step(mlp_loss, optimizer=optim.sgd(0.1))
+    with pytest.raises(fa.FuncaccumError, match=r"params\['layer0'\]\['b'\] is float16"):
+        step.init(mlp_params(torch.float16))
+
+
+def bn_step(strategy: Any = "scan", compute_dtype: torch.dtype | None = None) -> tuple:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    apply, params, buffers = fa.functional_model(model, has_state=True)
+
+    def loss_fn(params: dict, state: dict, batch: dict) -> tuple:
+        logits, state = apply(params, state, batch["x"].to(params["0.weight"].dtype))
+        return nn.functional.cross_entropy(logits.float(), batch["y"]), state
+
+    if strategy == "vmap":
+        strategy = fa.vmap(model_state=fa.running_stats(model))
+    step = fa.train_step(loss_fn, optimizer=optim.sgd(0.1), compute_dtype=compute_dtype,
+                         accumulation=fa.Accumulation(num_microbatches=2, has_state=True,
+                                                      strategy=strategy))  # fmt: skip
+    return step, params, buffers
+
+
+@pytest.mark.parametrize("strategy", ["scan", "vmap"])
+def test_bf16_compute_runs_batch_norm_with_its_state_kept_float32(strategy: str) -> None:
+    """The model state is cast for the loss as the params are, and kept in its own dtype."""
+    batch = classification_batch(16, dtype=torch.float32)
+    runs = {}
+    for dtype in (None, torch.bfloat16):
+        step, params, buffers = bn_step(strategy, dtype)
+        state, metrics = step(step.init(params, model_state=buffers), batch)
+        assert not metrics.skipped
+        assert all(v.dtype == buffers[k].dtype for k, v in state.model_state.items())
+        runs[dtype] = state.model_state["1.running_mean"]
+    assert (runs[None] - runs[torch.bfloat16]).abs().max() < 0.02  # bf16 rounding
+    assert (runs[None] - buffers["1.running_mean"]).abs().max() > 0.01  # it moved
+
+
+def test_a_model_state_that_is_not_finite_is_refused_at_init_and_never_kept() -> None:
+    step, params, buffers = bn_step()
+    with pytest.raises(fa.FuncaccumError, match=r"model_state\['1.running_var'\] holds NaN or Inf"):
+        step.init(params, model_state={**buffers, "1.running_var": torch.full((8,), math.inf)})
+    state = step.init(params, model_state=buffers)
+    huge = {"x": torch.randn(8, 5) * 1e20, "y": torch.zeros(8, dtype=torch.long)}  # var: Inf
+    after, metrics = step.step(state, huge)
+    assert metrics.skipped
+    assert torch.isfinite(metrics.loss)  # the loss alone looked fine
+    assert_trees_equal(after.model_state, state.model_state)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "words"),
+    [
+        (optim.constant_schedule(-0.1), r"learning_rate \(the schedule's value at step 0\) must be >= 0"),  # noqa: E501
+        (optim.linear_schedule(0.1, -0.1, 4), "learning_rate at optimizer step 3 is -0.05"),
+        (lambda count: torch.where(count < 2, 0.1, math.nan).double(), "step 2 is nan"),
+        (lambda count: torch.full((3,), 0.1), "must return a number or a 0-d real tensor"),
+    ],
+    ids=["negative", "crossing-zero", "nan-later", "a-vector"],
+)
+def test_a_schedule_that_gives_no_learning_rate_is_refused(schedule: Any, words: str) -> None:
+    """sgd(-0.1) was refused, and so is a schedule that gets there (never an ascent step)."""
+    step = fa.train_step(mlp_loss, optimizer=optim.sgd(schedule))
+    batch = classification_batch(8)
+    states = []
+
+    def train() -> None:
+        states.append(step.init(mlp_params()))
+        for _ in range(5):
+            state, metrics = step(states[-1], batch)
+            assert metrics.learning_rate >= 0
+            states.append(state)
+
+    with pytest.raises(fa.FuncaccumError, match=words):
+        train()
+    if len(states) > 1:  # refused at a later step: that step, run pure, was skipped
+        after, metrics = step.step(states[-1], batch)
+        assert metrics.skipped
+        assert torch.equal(after.step, states[-1].step)
+
+
+def test_a_state_another_step_made_is_refused() -> None:
+    plain = fa.train_step(mlp_loss, optimizer=optim.sgd(0.1))
+    adaptive = fa.train_step(mlp_loss, optimizer=optim.sgd(0.1),
+                             accumulation=fa.Accumulation(reducer=fa.adaptive()))  # fmt: skip
+    with pytest.raises(fa.FuncaccumError, match=r"reducer_carry is .* carries a AdaptiveCarry"):
+        adaptive(plain.init(mlp_params()), classification_batch(8))
+    step, params, _ = bn_step()
+    no_state = re.escape("has_state=True, and state.model_state holds no")
+    with pytest.raises(fa.FuncaccumError, match=no_state):
+        step(plain.init(params), classification_batch(8, dtype=torch.float32))
+    with pytest.raises(fa.FuncaccumError, match=r"TrainState .* \(the arguments are \(state, batch\)\)"):  # noqa: E501
+        plain(classification_batch(8), plain.init(mlp_params()))
+
+
+@pytest.mark.parametrize(
+    ("weight", "words"),
+    [
+        (lambda b: torch.where(b["y"][0] >= 0, -1.0, 1.0), "summed weight is nan"),  # negative
+        (lambda b: torch.zeros(()), "summed weight is 0"),
+        (lambda b: torch.full((), math.nan), "summed weight is nan"),
+        (lambda b: torch.ones((), dtype=torch.bool), "is a torch.bool tensor"),
+        (lambda b: "4", "must be a number or a 0-d real tensor"),
+    ],
+    ids=["negative", "all-zero", "nan", "bool", "str"],
+)
+def test_weights_that_make_no_mean_are_refused(weight: Any, words: str) -> None:
+    def loss_fn(params: dict, batch: dict) -> tuple:
+        return mlp_loss(params, batch), weight(batch)
+
+    accumulation = fa.Accumulation(num_microbatches=2, has_weight=True)
+    step = fa.train_step(loss_fn, optimizer=optim.sgd(0.1), accumulation=accumulation)
+    with pytest.raises(fa.FuncaccumError, match=words):
+        step(step.init(mlp_params()), classification_batch(8))
+    with pytest.raises(fa.FuncaccumError, match=words.replace("the step's ", "")):
+        fa.accumulate(loss_fn, mlp_params(), classification_batch(8), has_weight=True,
+                      num_microbatches=2)  # fmt: skip
+
+
+def test_updates_not_shaped_like_the_params_are_refused() -> None:
+    def update(updates: dict, state: tuple, params: Any = None) -> tuple:
+        layer = {**updates["layer0"], "w": updates["layer0"]["w"][None]}
+        return {**updates, "layer0": layer}, state
+
+    step = fa.train_step(mlp_loss, optimizer=optim.GradientTransformation(lambda p: (), update))
+    with pytest.raises(fa.FuncaccumError, match=r"returned \(1, 5, 16\) for params\['layer0'\]\['w'\]"):  # noqa: E501
+        step(step.init(mlp_params()), classification_batch(8))
+
+
+@pytest.mark.parametrize("rule", [optim.sgd(0.1, momentum=0.9), optim.adamw(0.1), optim.lion(0.1),
+                                  optim.adam(optim.cosine_decay_schedule(0.1, 5))])  # fmt: skip
+def test_a_0d_param_keeps_its_dtype_and_its_state_the_init_dtypes(rule: Any) -> None:
+    """torch promotes a 0-d float32 tensor times a 0-d float64 hyperparameter to float64."""
+    params = {"w": torch.zeros(3), "scale": torch.ones(())}  # a learnable 0-d scale
+
+    def loss_fn(params: dict, batch: torch.Tensor) -> torch.Tensor:
+        return ((batch @ params["w"]) * params["scale"] - 1).pow(2).mean()
+
+    step = fa.train_step(loss_fn, optimizer=rule)
+    fresh = step.init(params)
+    state, _ = step(fresh, torch.randn(8, 3))
+    state, _ = step(state, torch.randn(8, 3))
+    assert [x.dtype for x in optree.tree_leaves(state)] == [
+        x.dtype for x in optree.tree_leaves(fresh)
+    ]

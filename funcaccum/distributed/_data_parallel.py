@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import hashlib
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -221,6 +222,66 @@ def _leaves(tree: PyTree) -> list[torch.Tensor]:
     return optree.tree_leaves(tree)
 
 
+def _tree_device(tree: PyTree) -> torch.device:
+    leaves = [x for x in optree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+    return leaves[0].device if leaves else torch.device("cpu")
+
+
+def _layout_of(tree: PyTree, root: str) -> str:
+    """Each leaf's path, shape and dtype, as text."""
+    return repr([
+        (path, tuple(leaf.shape), str(leaf.dtype)) if isinstance(leaf, torch.Tensor)
+        else (path, type(leaf).__qualname__)
+        for path, leaf in leaf_paths(tree, root)
+    ])  # fmt: skip
+
+
+def _code(text: str) -> int:
+    """A 62-bit fingerprint of ``text`` (so its negation fits an int64 too)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype)
+
+
+def _config(value: Any, depth: int = 0, seen: set[int] | None = None) -> str:
+    """What configures ``value``, as text: the functions it is made of (by qualified name) and
+    the numbers, strings and dtypes in their closures, walked a few levels deep.
+
+    An update rule or a reducer is a NamedTuple of closures over its hyperparameters
+    (``sgd(0.1)``'s rate, ``clipped_mean(1.0)``'s norm), so two ranks built with different
+    factories or values give different text. Modules, generators and other objects count
+    by their type only.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(value, _PLAIN):
+        return repr(value)
+    if depth > 8 or id(value) in seen:
+        return "..."
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        shown = value.tolist() if value.numel() == 1 and not value.is_meta else ""
+        return f"tensor{tuple(value.shape)}{value.dtype}{shown}"
+    if isinstance(value, functools.partial):
+        return f"partial({_config(value.func, depth + 1, seen)}, {_config(value.args, depth + 1, seen)}, {_config(value.keywords, depth + 1, seen)})"  # noqa: E501
+    if isinstance(value, tuple | list):
+        name = type(value).__qualname__
+        return f"{name}({', '.join(_config(v, depth + 1, seen) for v in value)})"
+    if isinstance(value, dict):
+        items = ", ".join(f"{k!r}: {_config(v, depth + 1, seen)}" for k, v in value.items())
+        return f"{{{items}}}"
+    code = getattr(value, "__code__", None)
+    if code is not None:  # a function: its name, and what its closure holds
+        cells = []
+        for cell in getattr(value, "__closure__", None) or ():
+            try:
+                cells.append(_config(cell.cell_contents, depth + 1, seen))
+            except ValueError:  # an empty cell
+                cells.append("-")
+        return f"{getattr(value, '__qualname__', code.co_name)}[{', '.join(cells)}]"
+    return type(value).__qualname__
+
+
 class DataParallel:
     """A :class:`~funcaccum.TrainStep` across processes, with one all-reduce per optimizer step.
 
@@ -315,9 +376,16 @@ class DataParallel:
         ``model_state`` is for a step with ``has_state``, as in
         :meth:`TrainStep.init`; both travel in one broadcast, with, for a
         noised reducer, its noise generator's state, so every rank then draws
-        the same noise.
+        the same noise. Before it, one small all-reduce checks that every rank
+        was built alike: the params' names, shapes and dtypes, the model
+        state's, the update rule and the reducer (their kinds and
+        hyperparameters), the accumulation's options, ``compute_dtype`` and
+        ``schedule_clock``. Ranks that differ would diverge silently, or abort
+        in the collective; here every rank raises
+        :class:`~funcaccum.FuncaccumError` naming what differs.
         """
         _check_model_state(model_state)
+        self._check_ranks_agree(params, model_state)
         tensors: tuple[Any, ...] = optree.tree_map(torch.Tensor.detach, (params, model_state))
         if self._noise is not None:  # the noise generator's state rides in the same broadcast
             device = tree_device(params) or torch.device("cpu")
@@ -359,6 +427,42 @@ class DataParallel:
         state, metrics = step.apply(state, folded)
         step.check_skips(state, metrics)
         return state, metrics
+
+    def _check_ranks_agree(self, params: PyTree, model_state: PyTree) -> None:
+        """One all-reduce (MAX of each fingerprint and of its negation): equal on every rank?"""
+        step = self.step
+        accumulation = step.accumulation
+        options = (
+            accumulation.strategy, accumulation.num_microbatches, accumulation.microbatch_size,
+            accumulation.has_aux, accumulation.has_weight, accumulation.has_state,
+            accumulation.batch_dim,
+        )  # fmt: skip
+        aspects = {
+            "the params (names, shapes, dtypes)": _layout_of(params, "params"),
+            "the model_state (names, shapes, dtypes)": _layout_of(model_state, "model_state"),
+            "the optimizer (its rules and hyperparameters)": _config(step.optimizer),
+            "the reducer (its kind and options)": _config(accumulation.reducer),
+            "the accumulation's options (strategy, split, has_aux, has_weight, has_state)": (
+                _config(options)
+            ),
+            "compute_dtype and schedule_clock": repr((step.compute_dtype, step.schedule_clock)),
+        }
+        codes = [_code(text) for text in aspects.values()]
+        device = _tree_device(params)
+        both = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=device)
+        work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        _wait(work, self.timeout, "the check that every rank was built alike (DataParallel.init)")
+        highest, lowest = both[: len(codes)].tolist(), [-v for v in both[len(codes) :].tolist()]
+        differ = [
+            name for name, high, low in zip(aspects, highest, lowest, strict=True) if high != low
+        ]
+        if differ:
+            raise FuncaccumError(
+                f"rank {dist.get_rank(self.group)}: the ranks of this DataParallel were not "
+                f"built alike; they differ in {', '.join(differ)}. Every rank must build the same "
+                "train_step (same optimizer, reducer, accumulation, compute_dtype) on params of "
+                "the same tree, shapes and dtypes (their values may differ: rank 0's are taken)"
+            )
 
     def _microbatches(self, batch: PyTree) -> int:
         """How many microbatches (forward passes) the step splits ``batch`` into."""

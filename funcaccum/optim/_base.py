@@ -128,7 +128,8 @@ def hyperparams(params: PyTree, **values: float | torch.Tensor) -> dict[str, tor
     """Hyperparameters as 0-d float64 tensors on the params' device, for a state to hold."""
     device = tree_device(params)
     return {
-        name: torch.as_tensor(value, dtype=HYPERPARAM_DTYPE, device=device).clone()
+        # detached: a rate that requires grad would tie every later step's params to a graph
+        name: torch.as_tensor(value, dtype=HYPERPARAM_DTYPE, device=device).detach().clone()
         for name, value in values.items()
     }
 

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import numbers
+from typing import Any, NamedTuple
 
 import torch
 
 from .. import tree
+from .._errors import FuncaccumError
 from .._tree import PyTree, tree_device
-from .._validate import check_callable, check_hyperparam
-from ._base import GradientTransformation, Schedule, ScheduleStep, checked, hyperparams
+from .._validate import HYPERPARAM_RULES, check_callable, check_hyperparam, check_real, describe
+from ._base import (
+    HYPERPARAM_DTYPE,
+    GradientTransformation,
+    Schedule,
+    ScheduleStep,
+    checked,
+    hyperparams,
+)
 
 __all__ = [
     "ScaleByLearningRateState",
@@ -21,6 +30,41 @@ __all__ = [
 
 def _count(params: PyTree) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=tree_device(params))
+
+
+def _rate(value: Any, clock: torch.Tensor) -> torch.Tensor:
+    """A schedule's value as a 0-d float64 tensor: a number or a 0-d real tensor; else raise.
+
+    The shape and dtype are checked here (free under ``torch.compile``); the
+    value, which a step cannot read without a host sync, is checked by the
+    step's non-finite guard: a negative or non-finite rate skips the step, and
+    :meth:`~funcaccum.TrainStep.check_skips` names it.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 and not (value.dtype == torch.bool or value.is_complex()):
+            return value.to(HYPERPARAM_DTYPE)
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=HYPERPARAM_DTYPE, device=clock.device)
+    raise FuncaccumError(
+        "the learning_rate schedule must return a number or a 0-d real tensor (a learning "
+        f"rate), got {describe(value)}"
+    )
+
+
+def _first_rate(schedule: Schedule, count: torch.Tensor) -> torch.Tensor:
+    """The schedule's value at step 0, checked as a learning rate (>= 0, finite)."""
+    try:
+        value = schedule(count)
+    except TypeError as error:
+        raise FuncaccumError(
+            "the learning_rate schedule failed when called with the optimizer-step count (one "
+            f"argument, a 0-d int64 tensor): {error}"
+        ) from error
+    rate = _rate(value, count)
+    check_real(
+        "learning_rate (the schedule's value at step 0)", rate, **HYPERPARAM_RULES["learning_rate"]
+    )
+    return rate
 
 
 class ScaleByLearningRateState(NamedTuple):
@@ -61,7 +105,7 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
 
     def init(params: PyTree) -> ScaleByLearningRateState:
         count = _count(params)
-        first = learning_rate(count) if callable(learning_rate) else learning_rate
+        first = _first_rate(learning_rate, count) if callable(learning_rate) else learning_rate
         return ScaleByLearningRateState(count, hyperparams(params, learning_rate=first))
 
     def update(
@@ -72,7 +116,10 @@ def scale_by_learning_rate(learning_rate: float | Schedule) -> GradientTransform
         schedule_step: ScheduleStep = None,
     ) -> tuple[PyTree, ScaleByLearningRateState]:
         clock = state.count if schedule_step is None else schedule_step
-        rate = state.hyperparams["learning_rate"] if schedule is None else schedule(clock)
+        if schedule is None:
+            rate = state.hyperparams["learning_rate"]
+        else:
+            rate = _rate(schedule(clock), clock)
         return tree.scale(updates, -rate), ScaleByLearningRateState(
             state.count + 1, {"learning_rate": rate}
         )

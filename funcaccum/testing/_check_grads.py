@@ -10,6 +10,7 @@ import torch
 from torch.func import jvp, vjp
 
 from .. import tree
+from .._errors import FuncaccumError
 from .._tree import PyTree
 
 __all__ = ["check_grads"]
@@ -72,8 +73,17 @@ def check_grads(
     ``(f(p + eps v) - f(p - eps v)) / (2 eps)``, and the VJP from
     :func:`torch.func.vjp` must pass the dot-product test
     ``<J^T u, v> == <u, J v>`` for a random cotangent ``u``. With ``order=2``
-    the same checks run on the first derivatives themselves (JVP of JVP and
-    of VJP), as ``jax.test_util.check_grads`` does.
+    the same checks run on the VJP itself: its JVP is a Hessian-vector
+    product (forward-over-reverse, what ``torch.func.hessian`` and
+    grad-of-grad methods compute) and its VJP reverse-over-reverse.
+
+    Forward-over-forward (the JVP of the JVP) is not checked: torch's
+    forward-mode derivative of some ops' forward-mode derivative is wrong
+    while their reverse-mode one is right. For ``layer_norm`` (torch 2.13)
+    ``jvp(jvp(f))`` gave 0.03338 where finite differences, the
+    forward-over-reverse product and the same function written with plain
+    ops all give 0.03585; a check that used it would blame every loss with
+    a LayerNorm for torch's error.
 
     Args:
         f: a pure function ``f(params, *args)`` returning a tensor or pytree of tensors.
@@ -88,6 +98,7 @@ def check_grads(
     Raises:
         AssertionError: naming which check failed (JVP or VJP, which order)
             and by how much.
+        FuncaccumError: ``order`` other than 1 or 2.
 
     Example:
         >>> def loss(params, x):
@@ -101,8 +112,8 @@ def check_grads(
         ...
         AssertionError: order 1 JVP: torch.func and central finite differences disagree: ...
     """
-    if order not in (1, 2):
-        raise ValueError(f"order must be 1 or 2, got {order}")
+    if order not in (1, 2) or isinstance(order, bool):
+        raise FuncaccumError(f"order must be 1 or 2, got {order!r}")
     generator = torch.Generator().manual_seed(seed)
     params = tree.cast(params, torch.float64)
     args = optree.tree_map(
@@ -117,16 +128,11 @@ def check_grads(
     tolerances = {"eps": eps, "rtol": rtol, "atol": atol}
     _check_first_order(g, params, generator, label="order 1", **tolerances)
     if order == 2:
-        tangent = _random_like(params, generator)
         cotangent = _random_like(g(params), generator)
-
-        def directional(p: PyTree) -> PyTree:
-            return jvp(g, (p,), (tangent,))[1]
 
         def pulled_back(p: PyTree) -> PyTree:
             return vjp(g, p)[1](cotangent)[0]
 
         # Second differences lose more to rounding: a larger step suits them.
         second = {**tolerances, "eps": max(eps, 1e-4), "rtol": max(rtol, 1e-5)}
-        _check_first_order(directional, params, generator, label="order 2 (of the JVP)", **second)
         _check_first_order(pulled_back, params, generator, label="order 2 (of the VJP)", **second)
