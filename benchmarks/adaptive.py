@@ -87,7 +87,7 @@ def run(kind: str, k: int, device: str) -> dict[str, Any]:
             state, metrics = step(state, batch)
         else:
             state, metrics = runner(state, stream)
-            ks.append(metrics.microbatches)
+            ks.append(int(metrics.microbatches))
         examples += int(metrics.weight)
         if int(state.step) % 5 == 0:
             full = float(loss_fn(state.params, (data["x"], data["y"])))
