@@ -196,7 +196,7 @@ def test_a_strategy_that_folds_part_of_its_group_is_refused() -> None:
     state = step.init(mlp_params())
     with pytest.raises(
         fa.FuncaccumError, match="folded 1 microbatches where the batch was planned into 3"
-    ):  # noqa: E501
+    ):
         step(state, classification_batch(12))
     after, metrics = step.step(state, classification_batch(12))  # pure: the guard skipped it
     assert metrics.skipped
