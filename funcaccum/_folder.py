@@ -204,10 +204,13 @@ class Folder:
             if by_sum.wants_squares
             else []
         )
+        # Each leaf's microbatches as views, unbound once for the group.
+        columns, batch_def = optree.tree_flatten(group.batch)
+        columns = [leaf.unbind(0) for leaf in columns]
         for i in range(group.count):
             if by_sum.wants_squares:
                 squares.append([torch.zeros((), dtype=x.dtype, device=x.device) for x in inputs])
-            microbatch = optree.tree_map(lambda x, i=i: x[i], group.batch)
+            microbatch = optree.tree_unflatten(batch_def, [column[i] for column in columns])
             # The backward runs with the forward's params in place (checkpointing recomputes).
             with (
                 torch.enable_grad(),
@@ -392,6 +395,11 @@ class Folder:
             raise FuncaccumError(
                 "the weight loss_fn returns must be a number or a 0-d real tensor (its count of "
                 f"examples or valid tokens), got {describe(weight)}"
+            )
+        if not spec.has_weight and not traced():
+            # The example count: a 0-d int64 tensor made once per size, nothing to check.
+            return loss, MicrobatchOutput(
+                loss.detach(), self._size_weight(size, loss.device), aux, new_state
             )
         if isinstance(weight, int) and not traced():
             weight = self._size_weight(weight, loss.device)
