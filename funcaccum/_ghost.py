@@ -232,15 +232,8 @@ class Ghost(NamedTuple):
 
             return record
 
-        handles = [
-            self.module.get_submodule(name).register_forward_hook(hook(name))
-            for name in self.layers
-        ]
-        try:
+        with self._hooked(hook):
             yield taps
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def build(self, folder: Folder) -> GroupRunner:
         """Check what ghost clipping needs, then fold groups ``chunk_size`` units at a time."""
@@ -553,12 +546,18 @@ class Ghost(NamedTuple):
 
             return record
 
+        with self._hooked(hook):
+            yield records
+
+    @contextmanager
+    def _hooked(self, hook: Callable[[str], Callable[..., Any]]) -> Iterator[None]:
+        """``hook(name)`` as a forward hook on each tapped layer, removed on exit."""
         handles = [
             self.module.get_submodule(name).register_forward_hook(hook(name))
             for name in self.layers
         ]
         try:
-            yield records
+            yield
         finally:
             for handle in handles:
                 handle.remove()

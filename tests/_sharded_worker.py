@@ -131,10 +131,10 @@ def full(tree: Any) -> Any:
     return optree.tree_map(lambda x: x.full_tensor() if isinstance(x, DTensor) else x, tree)
 
 
-def train(mesh: Any, config: dict[str, Any], world: int, rank: int) -> dict[str, Any]:
-    model = sharded_model(mesh)
-    sharded = fa.distributed.FullyShardedStep(
-        model,
+def sharded_step(mesh: Any, config: dict[str, Any]) -> fa.distributed.FullyShardedStep:
+    """A FullyShardedStep on a fresh sharded model, as ``config`` sets it up."""
+    return fa.distributed.FullyShardedStep(
+        sharded_model(mesh),
         token_loss,
         optimizer=fa.optim.adamw(LR),
         accumulation=accumulation(config["reducer"], config["split"]),
@@ -142,6 +142,10 @@ def train(mesh: Any, config: dict[str, Any], world: int, rank: int) -> dict[str,
         gather=config["gather"],
         timeout=60,
     )
+
+
+def train(mesh: Any, config: dict[str, Any], world: int, rank: int) -> dict[str, Any]:
+    sharded = sharded_step(mesh, config)
     state = sharded.init()
     history = []
     for step, sizes in enumerate(SPLITS[world]):
@@ -192,16 +196,7 @@ class CountCollectives:
 
 def count_step(mesh: Any, config: dict[str, Any], world: int, rank: int) -> dict[str, float]:
     """Collectives per optimizer step, by kind, counted over steps 2 to 5."""
-    model = sharded_model(mesh)
-    sharded = fa.distributed.FullyShardedStep(
-        model,
-        token_loss,
-        optimizer=fa.optim.adamw(LR),
-        accumulation=accumulation(config["reducer"], config["split"]),
-        sync=config["sync"],
-        gather=config["gather"],
-        timeout=60,
-    )
+    sharded = sharded_step(mesh, config)
     state = sharded.init()
     state, _ = sharded(state, local_batch(0, rank, [6] * world))  # FSDP's lazy set-up
     with CountCollectives() as counts:
