@@ -198,9 +198,9 @@ class Folder:
         losses, weights, auxes = [], [], []
         by_sum = self.reducer.by_sum
         assert by_sum is not None  # _sums_by_autograd checked
-        squares: list[list[torch.Tensor]] = []  # per microbatch, per leaf, where wanted
+        norms: list[list[torch.Tensor | None]] = []  # per microbatch, per leaf, where wanted
         handles = (
-            [x.register_hook(_squares_hook(squares, i)) for i, x in enumerate(inputs)]
+            [x.register_hook(_norm_hook(norms, i)) for i, x in enumerate(inputs)]
             if by_sum.wants_squares
             else []
         )
@@ -209,7 +209,7 @@ class Folder:
         columns = [leaf.unbind(0) for leaf in columns]
         for i in range(group.count):
             if by_sum.wants_squares:
-                squares.append([torch.zeros((), dtype=x.dtype, device=x.device) for x in inputs])
+                norms.append([None] * len(inputs))
             microbatch = optree.tree_unflatten(batch_def, [column[i] for column in columns])
             # The backward runs with the forward's params in place (checkpointing recomputes).
             with (
@@ -237,7 +237,7 @@ class Folder:
             optree.tree_unflatten(treedef, sums),
             outputs.loss,
             weights[0],
-            torch.stack([torch.stack(row) for row in squares]) if squares else None,
+            _squares(norms, inputs) if norms else None,
             donate=owned,
         )
         if owned:
@@ -428,13 +428,20 @@ def _regions_if(regions: bool) -> compile_regions | contextlib.nullcontext[None]
     return compile_regions() if regions else contextlib.nullcontext()
 
 
-def _squares_hook(squares: list[list[torch.Tensor]], leaf: int) -> Callable[[torch.Tensor], None]:
-    """A gradient hook: the squared norm of one leaf's gradient, in the microbatch's row."""
+def _norm_hook(norms: list[list[torch.Tensor | None]], leaf: int) -> Callable[[torch.Tensor], None]:
+    """A gradient hook: the norm of one leaf's gradient, in the microbatch's row."""
 
     def record(grad: torch.Tensor) -> None:
-        squares[-1][leaf] = torch.linalg.vector_norm(grad).square()
+        norms[-1][leaf] = torch.linalg.vector_norm(grad)
 
     return record
+
+
+def _squares(norms: list[list[torch.Tensor | None]], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """The hooked norms squared, ``(microbatches, leaves)``; 0 where a leaf got no gradient."""
+    zero = inputs[0].new_zeros(())
+    rows = [torch.stack([zero if n is None else n for n in row]) for row in norms]
+    return torch.stack(rows).square()
 
 
 def _vmap_error(error: RuntimeError) -> FuncaccumError:
