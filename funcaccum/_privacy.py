@@ -90,8 +90,10 @@ class Accounting(NamedTuple):
         dataset_size: the number of units sampling draws from.
         sample_rate: ``q``: each unit is in a step's batch with this probability,
             independently (Poisson sampling).
-        delta: the delta of the (epsilon, delta) guarantee reported; below
-            ``1 / dataset_size`` for a meaningful one.
+        delta: the delta of the (epsilon, delta) guarantee reported; it must
+            be below ``1 / dataset_size`` (a delta of ``1 / dataset_size``
+            allows publishing one unit's data outright), and is refused
+            otherwise.
         max_batch_size: a cap on a batch's units (a batch over it keeps a
             uniformly random subset of this size), or None.
     """
@@ -146,6 +148,12 @@ def check_accounting(accounting: object) -> Accounting:
     size = check_int("dataset_size", accounting.dataset_size, low=1)
     check_real("sample_rate", accounting.sample_rate, low=0, high=1, low_inclusive=False)
     check_real("delta", accounting.delta, low=0, high=1, low_inclusive=False, high_inclusive=False)
+    if accounting.delta >= 1 / size:
+        raise FuncaccumError(
+            f"delta={accounting.delta:g} is not below 1/dataset_size = {1 / size:g}: publishing "
+            "one random unit's data outright meets (0, 1/dataset_size)-DP, so the guarantee "
+            "would say nothing. Use a delta well below 1/dataset_size (1e-5 for 60,000 units)"
+        )
     if accounting.max_batch_size is not None:
         check_int("max_batch_size", accounting.max_batch_size, low=1, high=size)
     return accounting

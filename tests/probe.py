@@ -1193,6 +1193,106 @@ def _skip_counted(_tmp: Path) -> None:
     assert int(state.skipped) == 1
 
 
+# --- Privacy: the noised mean, accounting, sampling ----------------------------------------
+
+
+def privacy_module() -> Any:
+    from funcaccum import privacy
+
+    return privacy
+
+
+def plan(size: int = 100, rate: float = 0.1, delta: float = 1e-5) -> Any:
+    return privacy_module().Accounting(size, rate, delta)
+
+
+def noised(**options: Any) -> Any:
+    return fa.clipped_mean(1.0, **{"noise_multiplier": 1.0, "denominator": 8.0} | options)
+
+
+def noised_step(reducer: Any, **split: Any) -> Any:
+    accumulation = fa.Accumulation(reducer=reducer, **(split or {"microbatch_size": 1}))
+    step = fa.train_step(loss_fn, optimizer=optim.sgd(0.1), accumulation=accumulation)
+    return step, step.init(params())
+
+
+refuse("privacy", "accounting-sample-rate-zero",
+       lambda: noised(accounting=plan(rate=0.0), denominator=None), "sample_rate", "(0, 1]")
+refuse("privacy", "accounting-sample-rate-above-one",
+       lambda: noised(accounting=plan(rate=1.5), denominator=None), "sample_rate")
+refuse("privacy", "accounting-delta-zero",
+       lambda: noised(accounting=plan(delta=0.0), denominator=None), "delta", "(0, 1)")
+refuse("privacy", "accounting-delta-not-below-one-over-n",
+       lambda: noised(accounting=plan(delta=0.05), denominator=None),
+       "delta=0.05", "1/dataset_size")  # fmt: skip
+refuse("privacy", "accounting-dataset-size-float",
+       lambda: noised(accounting=plan(size=100.5), denominator=None), "dataset_size")  # type: ignore[arg-type]
+refuse("privacy", "accounting-a-tuple",
+       lambda: noised(accounting=(100, 0.1, 1e-5), denominator=None), "accounting must be", "tuple")
+refuse("privacy", "accounting-without-noise",
+       lambda: fa.clipped_mean(1.0, accounting=plan()), "accounting=", "noise_multiplier > 0")
+refuse("privacy", "noise-negative", lambda: noised(noise_multiplier=-1.0), "noise_multiplier", "-1")
+refuse("privacy", "noise-nan", lambda: noised(noise_multiplier=NAN), "noise_multiplier", "nan")
+refuse("privacy", "noise-inf", lambda: noised(noise_multiplier=INF), "noise_multiplier", "inf")
+refuse("privacy", "noise-without-denominator",
+       lambda: noised(denominator=None), "denominator", "expected number of units")
+refuse("privacy", "noise-denominator-the-weight",
+       lambda: noised(denominator="weight"), "denominator='weight'")
+refuse("privacy", "noise-denominator-zero", lambda: noised(denominator=0.0), "denominator", "> 0")
+refuse("privacy", "noise-unit-unknown", lambda: noised(unit="user"), "unit", "'user'")
+refuse("privacy", "noise-generator-not-a-generator", lambda: noised(generator=0), "generator")
+refuse("privacy", "noise-microbatches-of-four",
+       lambda: noised_step(noised(), microbatch_size=4),
+       "microbatch_size=1", "got microbatch_size=4")  # fmt: skip
+refuse("privacy", "noise-num-microbatches",
+       lambda: noised_step(noised(), num_microbatches=4), "microbatch_size=1")
+refuse("privacy", "noise-group-unit-with-num-microbatches",
+       lambda: noised_step(noised(unit="microbatch"), num_microbatches=2), "microbatch_size=m")
+refuse("privacy", "noise-group-unit-cut-group",
+       lambda: (lambda s: s[0](s[1], batch(8)))(
+           noised_step(noised(unit="microbatch"), microbatch_size=3)
+       ),
+       "microbatch_size=3", "not a multiple")  # fmt: skip
+refuse("privacy", "sampler-rate-zero",
+       lambda: privacy_module().PoissonSampler(100, 0.0), "sample_rate")
+refuse("privacy", "sampler-cap-zero",
+       lambda: privacy_module().PoissonSampler(100, 0.1, max_batch_size=0), "max_batch_size")
+refuse("privacy", "sampler-rank-out-of-range",
+       lambda: privacy_module().PoissonSampler(100, 0.1, rank=2, world_size=2), "rank")
+refuse("privacy", "calibrate-target-zero",
+       lambda: privacy_module().calibrate_noise(0.0, plan(), steps=10), "target_epsilon")
+refuse("privacy", "calibrate-steps-zero",
+       lambda: privacy_module().calibrate_noise(1.0, plan(), steps=0), "steps")
+refuse("privacy", "calibrate-unreachable-target",
+       lambda: privacy_module().calibrate_noise(1e9, plan(), steps=10),
+       "found no noise multiplier", "target_epsilon=1e+09")
+refuse("privacy", "epsilon-of-a-dict",
+       lambda: privacy_module().epsilon({"steps": 3}), "PrivacyLedger", "dict")
+refuse("privacy", "epsilon-unknown-accountant",
+       lambda: privacy_module().epsilon(plan().ledger(1.0, 10), accountant="gdp"), "accountant")
+refuse("privacy", "ledger-without-noise",
+       lambda: privacy_module().epsilon(plan().ledger(0.0, 10)), "noise_multiplier")  # fmt: skip
+
+
+@case("privacy", "empty-batch-noise-only-step", works=True)
+def _(tmp: Path) -> None:
+    reducer = noised(accounting=plan(), denominator=None, generator=gen(3))
+    step, state = noised_step(reducer)
+    new, metrics = step(state, batch(0))
+    assert not bool(metrics.skipped), "an empty Poisson batch must still take a (noise) step"
+    assert int(new.reducer_carry.steps) == 1, "the ledger counts the empty step"
+    assert not torch.equal(new.params["w"], state.params["w"]), "the noise moved nothing"
+
+
+@case("privacy", "same-generator-same-noise", works=True)
+def _(tmp: Path) -> None:
+    runs = []
+    for _ in range(2):
+        step, state = noised_step(noised(generator=gen(5)))
+        runs.append(step(state, batch(8))[0].params["w"])
+    assert torch.equal(runs[0], runs[1]), "the same noise generator gave different steps"
+
+
 # --- Ranks (two gloo processes; each case in its own processes) --------------------------
 
 

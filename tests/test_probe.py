@@ -1,11 +1,11 @@
 """The adversarial probe as a table: every bad input is refused clearly, every odd one works.
 
-``tests/probe.py`` holds about 270 cases across checkpoints, strategies, model state,
-schedules, batches, weights, dtypes, the epoch loop, the testing toolkit and data-parallel
-ranks; ``python tests/probe.py`` prints how each one fares. Here each must be ``clear``: a
-``FuncaccumError`` that names the thing (the words the case lists), or, for an input that
-should work, the right answer. Before issue 23, 110 of them were; docs/pitfalls.md (14, "Bad
-input accepted with a wrong answer") has the counts.
+``tests/probe.py`` holds 300 cases across checkpoints, strategies, model state, schedules,
+batches, weights, dtypes, the epoch loop, the testing toolkit, data-parallel ranks and
+privacy; ``python tests/probe.py`` prints how each one fares. Here each must be ``clear``:
+a ``FuncaccumError`` that names the thing (the words the case lists), or, for an input
+that should work, the right answer. Before issue 23, 110 of the first 270 were;
+docs/pitfalls.md (14, "Bad input accepted with a wrong answer") has the counts.
 """
 
 from __future__ import annotations
@@ -44,6 +44,6 @@ def test_ranks_built_differently_are_refused_at_init(case: Case) -> None:
 def test_the_probe_covers_every_kind_of_input() -> None:
     groups = {case.group for case in CASES}
     assert groups >= {"checkpoint", "strategy", "model_state", "schedule", "batch", "weight",
-                      "dtype", "epoch", "toolkit", "state", "rank"}  # fmt: skip
+                      "dtype", "epoch", "toolkit", "state", "rank", "privacy"}  # fmt: skip
     assert len(CASES) >= 200
     assert len({(case.group, case.name) for case in CASES}) == len(CASES)  # no duplicate ids

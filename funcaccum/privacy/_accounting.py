@@ -185,17 +185,28 @@ def calibrate_noise(
         )
         return dp.dp_event.SelfComposedDpEvent(step, steps)
 
-    with _quiet():
-        sigma = float(
-            dp.calibrate_dp_mechanism(
-                lambda: _fresh(dp, accountant, capped),
-                make_event,
-                target_epsilon,
-                accounting.delta,
-                dp.LowerEndpointAndGuess(tol, 1.0),
-                tol=tol,
+    try:
+        with _quiet():
+            sigma = float(
+                dp.calibrate_dp_mechanism(
+                    lambda: _fresh(dp, accountant, capped),
+                    make_event,
+                    target_epsilon,
+                    accounting.delta,
+                    dp.LowerEndpointAndGuess(tol, 1.0),
+                    tol=tol,
+                )
             )
-        )
+    except Exception as error:  # dp-accounting's search errors (no bracket found, ...)
+        raise FuncaccumError(
+            f"calibrate_noise found no noise multiplier for target_epsilon={target_epsilon:g} "
+            f"over {steps} steps at sample_rate={accounting.sample_rate:g}, "
+            f"delta={accounting.delta:g} ({type(error).__name__}: {error}). Its search starts "
+            f"at sigma = tol = {tol:g}: a target that no sigma reaches from there (epsilon at "
+            "that sigma is already below it, or a target beyond the accountant's range) has "
+            "no answer; check the target and the plan with epsilon(accounting.ledger(sigma, "
+            "steps))"
+        ) from error
     # Brent's method lands within tol of the boundary, on either side: step onto the safe one.
     while epsilon(accounting.ledger(sigma, steps), accountant=accountant) > target_epsilon:
         sigma += tol
