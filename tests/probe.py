@@ -25,6 +25,7 @@ import argparse
 import collections
 import contextlib
 import datetime
+import gc
 import io
 import json
 import os
@@ -1308,7 +1309,39 @@ RANK_CASES = {
     "different-has-state": ("model_state",),
     "different-compute-dtypes": ("compute_dtype",),
     "agreeing-ranks": (),
+    # The same for FullyShardedStep (FSDP2 on a 2-rank CPU mesh).
+    "sharded-different-learning-rates": ("optimizer",),
+    "sharded-different-reducers": ("reducer",),
+    "sharded-different-sync": ("sync and gather",),
+    "sharded-different-param-shapes": ("params",),
+    "sharded-agreeing-ranks": (),
 }
+
+
+def sharded_rank(rank: int, name: str) -> dict[str, Any]:
+    """Rank ``rank`` of a FullyShardedStep run in which rank 1 is configured differently."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    other = rank == 1
+    torch.manual_seed(0)
+    model = nn.Linear(3, 5 if other and name == "sharded-different-param-shapes" else 4)
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+
+    def loss(module: Any, b: Mapping) -> torch.Tensor:
+        return ((module(b["x"]).sum(-1) - b["y"]) ** 2).mean()
+
+    reducer = fa.clipped_mean(1.0) if other and name == "sharded-different-reducers" else fa.mean()
+    rate = 0.2 if other and name == "sharded-different-learning-rates" else 0.1
+    sharded = fa.distributed.FullyShardedStep(
+        model, loss, optimizer=optim.sgd(rate),
+        accumulation=fa.Accumulation(reducer=reducer, num_microbatches=2),
+        sync="step" if other and name == "sharded-different-sync" else "microbatch", timeout=20,
+    )  # fmt: skip
+    state = sharded.init()
+    for _ in range(3):
+        state, _ = sharded(state, batch(4, seed=rank))
+    return {"outcome": "returned", "w": state.params["weight"].full_tensor().tolist()}
 
 
 def rank_worker(rank: int, port: str, name: str) -> None:
@@ -1318,6 +1351,17 @@ def rank_worker(rank: int, port: str, name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))  # fmt: skip
+    if name.startswith("sharded-"):
+        try:
+            result = sharded_rank(rank, name)
+        except fa.FuncaccumError as error:
+            result = {"outcome": "FuncaccumError", "message": str(error)}
+        except Exception as error:
+            result = {"outcome": type(error).__name__, "message": str(error)[:500]}
+        print("RESULT " + json.dumps(result), flush=True)
+        gc.collect()  # the FSDP module and its mesh, freed before the group (see recipes/sharded)
+        fa.distributed.destroy_process_group()
+        return
     other = rank == 1
     p = params(torch.float64 if other and name == "different-param-dtypes" else torch.float32)
     if other and name == "different-param-shapes":

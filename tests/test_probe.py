@@ -1,6 +1,6 @@
 """The adversarial probe as a table: every bad input is refused clearly, every odd one works.
 
-``tests/probe.py`` holds 300 cases across checkpoints, strategies, model state, schedules,
+``tests/probe.py`` holds 305 cases across checkpoints, strategies, model state, schedules,
 batches, weights, dtypes, the epoch loop, the testing toolkit, data-parallel ranks and
 privacy; ``python tests/probe.py`` prints how each one fares. Here each must be ``clear``:
 a ``FuncaccumError`` that names the thing (the words the case lists), or, for an input

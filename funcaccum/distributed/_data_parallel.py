@@ -282,6 +282,58 @@ def _config(value: Any, depth: int = 0, seen: set[int] | None = None) -> str:
     return type(value).__qualname__
 
 
+def check_ranks_agree(
+    step: TrainStep,
+    params: PyTree,
+    model_state: PyTree = (),
+    *,
+    group: Any = None,
+    timeout: float | None = None,
+    owner: str = "DataParallel",
+    extra: dict[str, str] | None = None,
+    values: str = "their values may differ: rank 0's are taken",
+) -> None:
+    """Refuse ranks built otherwise: one all-reduce (MAX of each fingerprint and of its
+    negation) over what configures ``step`` and the layout of ``params`` and ``model_state``.
+
+    Every rank raises :class:`~funcaccum.FuncaccumError` naming what differs; ranks that
+    went on would diverge silently, or abort in a collective. ``extra`` adds aspects of
+    the caller's own (a sharded step's ``sync`` and ``gather``), by name; ``values``
+    says what happens to the params' values, in the error.
+    """
+    accumulation = step.accumulation
+    options = (
+        accumulation.strategy, accumulation.num_microbatches, accumulation.microbatch_size,
+        accumulation.has_aux, accumulation.has_weight, accumulation.has_state,
+        accumulation.batch_dim,
+    )  # fmt: skip
+    aspects = {
+        "the params (names, shapes, dtypes)": _layout_of(params, "params"),
+        "the model_state (names, shapes, dtypes)": _layout_of(model_state, "model_state"),
+        "the optimizer (its rules and hyperparameters)": _config(step.optimizer),
+        "the reducer (its kind and options)": _config(accumulation.reducer),
+        "the accumulation's options (strategy, split, has_aux, has_weight, has_state)": (
+            _config(options)
+        ),
+        "compute_dtype and schedule_clock": repr((step.compute_dtype, step.schedule_clock)),
+        **(extra or {}),
+    }
+    codes = [_code(text) for text in aspects.values()]
+    device = _tree_device(params)
+    both = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=device)
+    work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group, async_op=True)
+    _wait(work, timeout, f"the check that every rank was built alike ({owner}.init)")
+    highest, lowest = both[: len(codes)].tolist(), [-v for v in both[len(codes) :].tolist()]
+    differ = [name for name, high, low in zip(aspects, highest, lowest, strict=True) if high != low]
+    if differ:
+        raise FuncaccumError(
+            f"rank {dist.get_rank(group)}: the ranks of this {owner} were not built alike; "
+            f"they differ in {', '.join(differ)}. Every rank must build the same step (same "
+            "optimizer, reducer, accumulation, compute_dtype) on params of the same tree, "
+            f"shapes and dtypes ({values})"
+        )
+
+
 class DataParallel:
     """A :class:`~funcaccum.TrainStep` across processes, with one all-reduce per optimizer step.
 
@@ -385,7 +437,10 @@ class DataParallel:
         :class:`~funcaccum.FuncaccumError` naming what differs.
         """
         _check_model_state(model_state)
-        self._check_ranks_agree(params, model_state)
+        check_ranks_agree(
+            self.step, params, model_state, group=self.group, timeout=self.timeout,
+            owner="DataParallel",
+        )  # fmt: skip
         tensors: tuple[Any, ...] = optree.tree_map(torch.Tensor.detach, (params, model_state))
         if self._noise is not None:  # the noise generator's state rides in the same broadcast
             device = tree_device(params) or torch.device("cpu")
@@ -427,42 +482,6 @@ class DataParallel:
         state, metrics = step.apply(state, folded)
         step.check_skips(state, metrics)
         return state, metrics
-
-    def _check_ranks_agree(self, params: PyTree, model_state: PyTree) -> None:
-        """One all-reduce (MAX of each fingerprint and of its negation): equal on every rank?"""
-        step = self.step
-        accumulation = step.accumulation
-        options = (
-            accumulation.strategy, accumulation.num_microbatches, accumulation.microbatch_size,
-            accumulation.has_aux, accumulation.has_weight, accumulation.has_state,
-            accumulation.batch_dim,
-        )  # fmt: skip
-        aspects = {
-            "the params (names, shapes, dtypes)": _layout_of(params, "params"),
-            "the model_state (names, shapes, dtypes)": _layout_of(model_state, "model_state"),
-            "the optimizer (its rules and hyperparameters)": _config(step.optimizer),
-            "the reducer (its kind and options)": _config(accumulation.reducer),
-            "the accumulation's options (strategy, split, has_aux, has_weight, has_state)": (
-                _config(options)
-            ),
-            "compute_dtype and schedule_clock": repr((step.compute_dtype, step.schedule_clock)),
-        }
-        codes = [_code(text) for text in aspects.values()]
-        device = _tree_device(params)
-        both = torch.tensor(codes + [-c for c in codes], dtype=torch.int64, device=device)
-        work = dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
-        _wait(work, self.timeout, "the check that every rank was built alike (DataParallel.init)")
-        highest, lowest = both[: len(codes)].tolist(), [-v for v in both[len(codes) :].tolist()]
-        differ = [
-            name for name, high, low in zip(aspects, highest, lowest, strict=True) if high != low
-        ]
-        if differ:
-            raise FuncaccumError(
-                f"rank {dist.get_rank(self.group)}: the ranks of this DataParallel were not "
-                f"built alike; they differ in {', '.join(differ)}. Every rank must build the same "
-                "train_step (same optimizer, reducer, accumulation, compute_dtype) on params of "
-                "the same tree, shapes and dtypes (their values may differ: rank 0's are taken)"
-            )
 
     def _microbatches(self, batch: PyTree) -> int:
         """How many microbatches (forward passes) the step splits ``batch`` into."""

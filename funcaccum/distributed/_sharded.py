@@ -33,7 +33,7 @@ from .._train import ScheduleClock, StepMetrics, TrainState, TrainStep
 from .._tree import PyTree, sum_over_leaves
 from .._validate import check_real, describe
 from ..optim import GradientTransformation
-from ._data_parallel import _wait
+from ._data_parallel import _wait, check_ranks_agree
 
 __all__ = ["FullyShardedStep", "Gather", "Sync", "local_bytes"]
 
@@ -329,8 +329,20 @@ class FullyShardedStep:
         self._in_module: Any = None  # the params the module's storage holds now
 
     def init(self) -> TrainState:
-        """The first state: a copy of the module's param shards, a new sharded optimizer state."""
+        """The first state: a copy of the module's param shards, a new sharded optimizer state.
+
+        First, one small all-reduce checks that every rank was built alike (the
+        params' names, global shapes and dtypes, the update rule, the reducer,
+        the accumulation's options, ``sync`` and ``gather``): ranks that differ
+        would update their shards differently without a word, so every rank
+        raises :class:`~funcaccum.FuncaccumError` naming what differs.
+        """
         params = {name: p.detach().clone() for name, p in self._params.items()}
+        check_ranks_agree(
+            self.step, params, group=self.group, timeout=self.timeout,
+            owner="FullyShardedStep", extra={"sync and gather": repr((self.sync, self.gather))},
+            values="each rank's shards are its own, from the module it sharded",
+        )  # fmt: skip
         state = self.step.init(params)
         self._in_module = state.params
         return state
