@@ -71,6 +71,24 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def start_distributed(device_name: str, timeout: float) -> torch.device:
+    """This torchrun process's device, with the process group started on it (NCCL or gloo)."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    return device
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else value.tolist()

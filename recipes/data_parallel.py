@@ -15,7 +15,6 @@ that every rank ends with bit-identical params.
 
 from __future__ import annotations
 
-import datetime
 import os
 
 import _common
@@ -43,15 +42,8 @@ def main() -> None:
         )
     if args.smoke:
         args.steps, args.batch_size = 5, 64
-    device = _common.pick_device(args.device)
     rank = int(os.environ["RANK"])
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        timeout=datetime.timedelta(seconds=args.timeout),
-    )
+    device = _common.start_distributed(args.device, args.timeout)
     world = dist.get_world_size()
     args.quiet = args.quiet or rank != 0
     title = f"Data parallel on {world} processes: one all-reduce per step"

@@ -19,7 +19,6 @@ that the ranks agree on every replicated value. Only rank 0 prints.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import os
 import resource
@@ -75,14 +74,7 @@ def main() -> None:
         raise SystemExit("start me with torchrun: torchrun --nproc-per-node 2 recipes/sharded.py")
     if args.smoke:
         args.steps, args.batch_size, args.layers, args.dim, args.context = 4, 16, 2, 32, 16
-    device = _common.pick_device(args.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        device = torch.device("cuda", torch.cuda.current_device())
-    dist.init_process_group(
-        "nccl" if device.type == "cuda" else "gloo",
-        timeout=datetime.timedelta(seconds=args.timeout),
-    )
+    device = _common.start_distributed(args.device, args.timeout)
     _train(args, device)
     # Every FSDP module and mesh of the run is garbage now, so the group's gloo threads
     # stop here, not in the interpreter's teardown (where they can abort a rank).

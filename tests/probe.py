@@ -1351,17 +1351,20 @@ def rank_worker(rank: int, port: str, name: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=20))  # fmt: skip
-    if name.startswith("sharded-"):
-        try:
-            result = sharded_rank(rank, name)
-        except fa.FuncaccumError as error:
-            result = {"outcome": "FuncaccumError", "message": str(error)}
-        except Exception as error:
-            result = {"outcome": type(error).__name__, "message": str(error)[:500]}
-        print("RESULT " + json.dumps(result), flush=True)
-        gc.collect()  # the FSDP module and its mesh, freed before the group (see recipes/sharded)
-        fa.distributed.destroy_process_group()
-        return
+    run = sharded_rank if name.startswith("sharded-") else data_parallel_rank
+    try:
+        result = run(rank, name)
+    except fa.FuncaccumError as error:
+        result = {"outcome": "FuncaccumError", "message": str(error)}
+    except Exception as error:
+        result = {"outcome": type(error).__name__, "message": str(error)[:500]}
+    print("RESULT " + json.dumps(result), flush=True)
+    gc.collect()  # a FSDP module and its mesh, freed before the group (see recipes/sharded)
+    fa.distributed.destroy_process_group()
+
+
+def data_parallel_rank(rank: int, name: str) -> dict[str, Any]:
+    """Rank ``rank`` of a DataParallel run in which rank 1 is configured differently."""
     other = rank == 1
     p = params(torch.float64 if other and name == "different-param-dtypes" else torch.float32)
     if other and name == "different-param-shapes":
@@ -1397,17 +1400,10 @@ def rank_worker(rank: int, port: str, name: str) -> None:
         compute_dtype=torch.bfloat16 if other and name == "different-compute-dtypes" else None,
     )  # fmt: skip
     parallel = fa.distributed.DataParallel(s, timeout=20)
-    try:
-        state = parallel.init(p, model_state)
-        for _ in range(3):
-            state, _ = parallel(state, batch(4, seed=rank))
-        result = {"outcome": "returned", "w": state.params.get("w", state.params.get("weight")).tolist()}  # noqa: E501
-    except fa.FuncaccumError as error:
-        result = {"outcome": "FuncaccumError", "message": str(error)}
-    except Exception as error:
-        result = {"outcome": type(error).__name__, "message": str(error)[:500]}
-    print("RESULT " + json.dumps(result), flush=True)
-    fa.distributed.destroy_process_group()
+    state = parallel.init(p, model_state)
+    for _ in range(3):
+        state, _ = parallel(state, batch(4, seed=rank))
+    return {"outcome": "returned", "w": state.params.get("w", state.params.get("weight")).tolist()}
 
 
 def run_ranks(name: str, words: tuple[str, ...], timeout: float = 90) -> tuple[str, str]:

@@ -131,18 +131,14 @@ def test_dp_sgd_reports_epsilon_as_opacus_and_accuracy_beside_non_private(
     assert 0 < epsilons[0] < epsilons[1]  # spent epoch by epoch, from the ledger
 
 
+def torchrun() -> tuple[str, ...]:
+    """``python -m torch.distributed.run`` for 2 processes on a free local port."""
+    return ("-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-addr", "127.0.0.1", "--master-port", free_port())  # fmt: skip
+
+
 def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
-    torchrun = (
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        free_port(),
-    )
-    result = run_recipe("data_parallel", tmp_path, launcher=torchrun)
+    result = run_recipe("data_parallel", tmp_path, launcher=torchrun())
     assert result["stdout"].count("Data parallel on 2 processes") == 1  # rank 0 alone prints
     rows = {row[0]: row[1] for row in result["rows"]}
     assert rows["all-reduces per step"] == 1
@@ -151,17 +147,7 @@ def test_data_parallel_under_torchrun(tmp_path: Path) -> None:
 
 
 def test_sharded_under_torchrun_holds_half_of_data_parallel_on_each_rank(tmp_path: Path) -> None:
-    torchrun = (
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        free_port(),
-    )
-    result = run_recipe("sharded", tmp_path, "--sync", "step", launcher=torchrun)
+    result = run_recipe("sharded", tmp_path, "--sync", "step", launcher=torchrun())
     assert result["stdout"].count("FSDP2 on 2 processes") == 1  # rank 0 alone prints
     rows = {row[0]: row[1] for row in result["rows"]}
     assert rows["optimizer steps"] == 4
